@@ -1,0 +1,275 @@
+"""AdamSPD: Adam with Selective Projection Decay (Tian, Huang, Kira, NeurIPS 2024)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from spdecay._functional import adam_spd
+from spdecay.stats import SPDStats
+
+_ANCHOR_MODES = ("init", "zero")
+
+
+class AdamSPD(Optimizer):
+    r"""Adam with Selective Projection Decay.
+
+    For every parameter tensor ("layer") with gradient ``g``, anchor ``p0`` and strength
+    ``lam = weight_decay``:
+
+    1. ``p_adam`` = a plain Adam step from ``p`` (no weight decay);
+    2. ``c = -<g, p - p0>`` over the whole tensor;
+    3. only if ``c < 0`` (the descent direction points back towards the anchor),
+       ``r = clamp((||p_adam - p0|| - ||p - p0||) / ||p_adam - p0||, 0, 1)`` and
+       ``p_new = p_adam - lam * r * (p_adam - p0)``; otherwise ``p_new = p_adam``.
+
+    With ``lam = 1`` a layer whose condition fired may not drift further from its anchor.
+
+    Args:
+        params: parameters, named parameters ``(name, p)`` or param groups. Group keys beside
+            torch's Adam keys: ``spd`` (default True; False makes the group plain AdamW with
+            decoupled decay ``p -= lr * weight_decay * p``), ``anchor`` (``"init"``: the value
+            at the parameter's first step; ``"zero"``: PEFT mode, regularise ``||p||``; or a
+            sequence of tensors matching ``params``), ``pre`` (the paper's reference-code key: a
+            list of anchor tensors, or None for zero) and ``anchor_dtype``.
+        lr, betas, eps, amsgrad, maximize: as in :class:`torch.optim.Adam`.
+        weight_decay: the SPD strength ``lam`` (plain decoupled decay where ``spd=False``).
+        foreach: use the multi-tensor path (default: True when all tensors share one device).
+        fused: use a fused kernel (CPU: a C++ kernel compiled once on first use).
+        capturable: keep step counts on the device so the step can be captured in a CUDA graph.
+        anchor: default anchor mode for all groups.
+        anchor_dtype: store anchors in this dtype (e.g. ``torch.bfloat16`` halves their memory).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        anchor: str | Sequence[Tensor] = "init",
+        anchor_dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if anchor_dtype is not None and not isinstance(anchor_dtype, torch.dtype):
+            raise TypeError(f"AdamSPD: anchor_dtype must be a torch.dtype, got {anchor_dtype!r}")
+        if not isinstance(anchor, str):  # tensors for a single group of parameters
+            params = [{"params": list(params), "anchor": list(anchor)}]
+            anchor = "init"
+        elif anchor not in _ANCHOR_MODES:
+            raise ValueError(f"AdamSPD: unknown anchor mode {anchor!r}; expected 'init', 'zero' or tensors")
+        if foreach and fused:
+            raise ValueError("AdamSPD: `foreach` and `fused` cannot both be True")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            spd=True,
+            anchor=anchor,
+            anchor_dtype=anchor_dtype,
+        )
+        self._spd_last: dict[Tensor, tuple[Tensor, Tensor, Tensor]] = {}
+        super().__init__(params, defaults)
+        self.register_load_state_dict_post_hook(_restore_anchor_dtypes)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        if "pre" in group:  # the reference code's key: a list of anchors, or None for zero
+            pre = group.pop("pre")
+            group["anchor"] = "zero" if pre is None else list(pre)
+        explicit = group.get("anchor")
+        if explicit is not None and not isinstance(explicit, str):
+            group["anchor"] = "given"
+        elif explicit is not None and explicit not in _ANCHOR_MODES:
+            raise ValueError(f"AdamSPD: unknown anchor mode {explicit!r}; expected 'init', 'zero' or tensors")
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            if key in group:
+                _check_hyperparameters(**{key: group[key]})
+        if group.get("fused") and group.get("foreach"):
+            raise ValueError("AdamSPD: `foreach` and `fused` cannot both be True")
+        super().add_param_group(group)
+        if explicit is not None and not isinstance(explicit, str):
+            self._set_given_anchors(self.param_groups[-1], list(explicit))
+
+    def _set_given_anchors(self, group: dict[str, Any], anchors: list[Tensor | None]) -> None:
+        params = group["params"]
+        if len(anchors) != len(params):
+            raise ValueError(
+                f"AdamSPD: got {len(anchors)} anchor tensors for {len(params)} parameters"
+            )
+        for i, (p, a) in enumerate(zip(params, anchors)):
+            if a is None:  # the reference code allows a zero anchor per parameter
+                a = torch.zeros_like(p)
+            if not isinstance(a, Tensor):
+                raise TypeError(f"AdamSPD: anchor {i} is a {type(a).__name__}, expected a Tensor")
+            if a.shape != p.shape:
+                raise ValueError(
+                    f"AdamSPD: anchor {i} has shape {tuple(a.shape)}, parameter has {tuple(p.shape)}"
+                )
+            dtype = group["anchor_dtype"] or p.dtype
+            self.state[p]["anchor"] = a.detach().to(device=p.device, dtype=dtype).clone()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_spd_last", {})
+        for group in self.param_groups:
+            for key, value in (("spd", True), ("anchor", "init"), ("anchor_dtype", None)):
+                group.setdefault(key, value)
+            for key in ("maximize", "foreach", "fused", "capturable", "amsgrad"):
+                group.setdefault(key, False if key != "foreach" else None)
+
+    def _init_group(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], ...]:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors = ([] for _ in range(7))
+        use_anchor = group["spd"] and group["anchor"] != "zero"
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamSPD does not support sparse gradients")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device != p.device:  # e.g. a state_dict saved by torch's Adam
+                state["step"] = state["step"].to(p.device)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if use_anchor and "anchor" not in state:
+                # Captured lazily, before the first update: the value the parameter has when
+                # the optimizer first steps it (robust to frameworks that swap parameters).
+                dtype = group["anchor_dtype"] or p.dtype
+                state["anchor"] = p.detach().to(dtype=dtype, copy=True)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+            anchors.append(state["anchor"] if use_anchor else None)
+        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors = self._init_group(group)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            foreach, fused = _choose_path(group, params)
+            stats = adam_spd(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                anchors,
+                foreach=foreach,
+                fused=fused,
+                amsgrad=group["amsgrad"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                spd=group["spd"],
+                capturable=group["capturable"],
+            )
+            if stats is not None:
+                for p, fired, ratio, dev in zip(params, *stats):
+                    self._spd_last[p] = (fired, ratio, dev)
+        return loss
+
+    def spd_stats(self) -> SPDStats:
+        """Per-tensor results of the last step that updated each SPD parameter (no host sync)."""
+        names, fired, ratio, deviation = [], [], [], []
+        for g, group in enumerate(self.param_groups):
+            if not group["spd"]:
+                continue
+            group_names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if p not in self._spd_last:
+                    continue
+                names.append(group_names[i] if group_names else f"group{g}.param{i}")
+                f, r, d = self._spd_last[p]
+                fired.append(f)
+                ratio.append(r)
+                deviation.append(d)
+        return SPDStats.from_lists(names, fired, ratio, deviation)
+
+
+def _step_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _choose_path(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
+    if group["fused"]:
+        return False, True
+    foreach = group["foreach"]
+    if foreach is None:  # multi-tensor by default whenever all tensors share one device
+        foreach = len({p.device for p in params}) == 1
+    return bool(foreach), False
+
+
+def _check_hyperparameters(**values: Any) -> None:
+    if "lr" in values:
+        lr = values["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"AdamSPD: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+        if not 0.0 <= float(lr):
+            raise ValueError(f"AdamSPD: invalid learning rate lr={float(lr)} (must be >= 0)")
+    if "eps" in values and not 0.0 <= values["eps"]:
+        raise ValueError(f"AdamSPD: invalid eps={values['eps']} (must be >= 0)")
+    if "betas" in values:
+        betas = values["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"AdamSPD: betas must be a pair, got {betas!r}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= float(beta) < 1.0:
+                raise ValueError(f"AdamSPD: invalid beta{i + 1}={float(beta)} (must be in [0, 1))")
+    if "weight_decay" in values and not 0.0 <= values["weight_decay"]:
+        raise ValueError(
+            f"AdamSPD: invalid weight_decay={values['weight_decay']} (the SPD strength must be >= 0)"
+        )
+
+
+def _restore_anchor_dtypes(optimizer: Optimizer) -> None:
+    # load_state_dict casts every floating state entry to the parameter's dtype; anchors kept in a
+    # lower precision (anchor_dtype) must be cast back.
+    for group in optimizer.param_groups:
+        dtype = group.get("anchor_dtype")
+        if dtype is None:
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "anchor" in state:
+                state["anchor"] = state["anchor"].to(dtype)
