@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from spdecay._sharding import reduce_partial_sums, to_local
+from spdecay._sharding import is_dtensor, reduce_partial_sums, to_local
 
 
 class SPDStepStats(NamedTuple):
@@ -156,10 +156,18 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _deviations(params: list[Tensor], anchors: list[Tensor | None]) -> list[Tensor]:
-    # Groups are split by anchor kind before this is called: all anchors or none.
+    # Partitions are split by anchor kind before this is called: all anchors or none.
     if anchors[0] is None:
         return params
     return torch._foreach_sub(params, [a.to(p.dtype) for p, a in zip(params, anchors)])
+
+
+# Tensors up to this size are gathered into one flat buffer: on CPU a foreach op costs ~1.5 us
+# per tensor, so thousands of tiny tensors are cheaper as one long vector.
+_SMALL_NUMEL = 4096
+# Large tensors are processed in chunks of about this many elements so that temporaries stay
+# small enough to be reused by the allocator instead of being faulted in afresh every step.
+_CHUNK_NUMEL = 1 << 23
 
 
 def _multi_tensor_adam_spd(
@@ -181,116 +189,287 @@ def _multi_tensor_adam_spd(
     spd: bool,
     capturable: bool = False,
 ) -> SPDStepStats | None:
-    """Multi-tensor path: ``torch._foreach_*`` over tensors grouped by device, dtype, anchor kind."""
+    """Multi-tensor path.
+
+    Phase 1 runs Adam and the per-tensor partial sums for every partition (same device, dtype,
+    anchor kind and size class); the sums of all tensors are then reduced together (one
+    collective per step for sharded tensors) and phase 2 projects.
+    """
     if not params:
         return SPDStepStats([], [], []) if spd else None
-    results: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-    for idx in _partition(params, anchors, spd):
-        out = _multi_tensor_bucket(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx],
-            [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
-            [state_steps[i] for i in idx],
-            [anchors[i] for i in idx] if spd else [None] * len(idx),
-            amsgrad=amsgrad,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            eps=eps,
-            maximize=maximize,
-            spd=spd,
-        )
-        if out is not None:
-            for j, i in enumerate(idx):
-                results[i] = (out[0][j], out[1][j], out[2][j])
+    if not amsgrad:
+        max_exp_avg_sqs = [None] * len(params)
+    if not spd:
+        anchors = [None] * len(params)
+    hyper = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                 eps=eps, maximize=maximize, spd=spd)
+    order: list[int] = []
+    sums_parts: list[Tensor] = []
+    finishers = []
+    for idx, small in _partition(params, anchors, spd):
+        if small:
+            run_phase1 = _flat_phase1
+        elif params[idx[0]].device.type == "cpu":
+            run_phase1 = _sliced_phase1
+        else:
+            run_phase1 = _foreach_phase1
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors)
+        sums, finish = run_phase1(*([xs[i] for i in idx] for xs in lists), **hyper)
+        if spd:
+            order += idx
+            sums_parts.append(sums.to(params[0].device, torch.float64))
+            finishers.append((finish, len(idx)))
     if not spd:
         return None
-    ordered = [results[i] for i in range(len(params))]
+    sums = reduce_partial_sums(torch.cat(sums_parts, dim=1), [params[i] for i in order])
+    fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[2], weight_decay)
+    start = 0
+    for finish, n in finishers:
+        finish(coef[start : start + n])
+        start += n
+    deviation = sums[1].clamp_min(0).sqrt()
+    by_index = dict(zip(order, zip(fired.unbind(), ratio.unbind(), deviation.unbind())))
+    ordered = [by_index[i] for i in range(len(params))]
     return SPDStepStats(*(list(col) for col in zip(*ordered)))
 
 
-def _partition(params: list[Tensor], anchors: list[Tensor | None], spd: bool) -> list[list[int]]:
-    """Split indices by (device, dtype, zero anchor): static properties, never tensor values."""
+def _partition(
+    params: list[Tensor], anchors: list[Tensor | None], spd: bool
+) -> list[tuple[list[int], bool]]:
+    """Split indices by static properties (device, dtype, zero anchor, small and contiguous)."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
-        key = (p.device, p.dtype, spd and anchors[i] is None)
+        small = p.numel() <= _SMALL_NUMEL and p.is_contiguous() and _plain(p, anchors[i])
+        key = (p.device, p.dtype, spd and anchors[i] is None, small)
         groups.setdefault(key, []).append(i)
-    return list(groups.values())
+    return [(idx, key[3]) for key, idx in groups.items()]
 
 
-def _multi_tensor_bucket(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    anchors: list[Tensor | None],
-    *,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    spd: bool,
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    if maximize:
-        grads = torch._foreach_neg(grads)
+def _plain(p: Tensor, anchor: Tensor | None) -> bool:
+    # The flat path works on local, real tensors only.
+    return not (is_dtensor(p) or torch.is_complex(p)) and (anchor is None or anchor.is_contiguous())
+
+
+def _chunks(tensors: list[Tensor]) -> list[slice]:
+    out, start, total = [], 0, 0
+    for i, t in enumerate(tensors):
+        total += t.numel()
+        if total >= _CHUNK_NUMEL:
+            out.append(slice(start, i + 1))
+            start, total = i + 1, 0
+    if start < len(tensors):
+        out.append(slice(start, len(tensors)))
+    return out
+
+
+def _foreach_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
+                    *, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, spd):
+    """Adam via torch._foreach_* over chunks of large tensors; returns partial sums [3, n]."""
     if any(torch.is_complex(p) for p in params):
-        params, grads, exp_avgs, exp_avg_sqs, anchors = (
-            _as_real(params), _as_real(grads), _as_real(exp_avgs), _as_real(exp_avg_sqs), _as_real(anchors)
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors = (
+            _as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors)
         )
-        max_exp_avg_sqs = _as_real(max_exp_avg_sqs)
-    params_l, grads_l = [to_local(p) for p in params], [to_local(g) for g in grads]
+    params_l = [to_local(p) for p in params]
+    grads_l = [to_local(g) for g in grads]
     anchors_l = [None if a is None else to_local(a) for a in anchors]
+    dtype = params[0].dtype
+    torch._foreach_add_(state_steps, 1)
+    neg_step_size, bc2_sqrt = _adam_coefficients(torch.stack(state_steps), beta1=beta1,
+                                                 beta2=beta2, lr=lr)
+    denom_scale = list((bc2_sqrt * neg_step_size).to(dtype).unbind())
+    denom_shift = list((eps / neg_step_size).to(dtype).unbind())
+    inner, dev_sq, new_dev_sq = [], [], []
+    for sl in _chunks(params_l):
+        p, g, m, v = params_l[sl], grads_l[sl], exp_avgs[sl], exp_avg_sqs[sl]
+        if maximize:
+            g = torch._foreach_neg(g)
+        if spd:
+            devs = _deviations(p, anchors_l[sl])
+            dev_sq += _foreach_sum_of_products(devs, devs)
+            inner += _foreach_sum_of_products(g, devs)
+            del devs
+        elif weight_decay != 0:
+            torch._foreach_mul_(p, 1 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        if amsgrad:
+            torch._foreach_maximum_(max_exp_avg_sqs[sl], v)
+            v = max_exp_avg_sqs[sl]
+        # denom = sqrt(v) / (bc2_sqrt * -step_size) + eps / -step_size, so p += m / denom.
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, denom_scale[sl])
+        torch._foreach_add_(denom, denom_shift[sl])
+        torch._foreach_addcdiv_(p, m, denom)
+        del denom
+        if spd:
+            new_devs = _deviations(p, anchors_l[sl])
+            new_dev_sq += _foreach_sum_of_products(new_devs, new_devs)
+            del new_devs
+    if not spd:
+        return None, None
+    sums = torch.stack([torch.stack(inner), torch.stack(dev_sq), torch.stack(new_dev_sq)])
+
+    def project(coef: Tensor) -> None:
+        coef = coef.to(dtype)
+        if anchors_l[0] is None:
+            torch._foreach_mul_(params_l, list((1 - coef).unbind()))
+            return
+        weights = list(coef.unbind())
+        for sl in _chunks(params_l):
+            targets = [a.to(dtype) for a in anchors_l[sl]]
+            torch._foreach_lerp_(params_l[sl], targets, weights[sl])
+
+    return sums, project
+
+
+# On CPU, large tensors are walked in slices of this many elements, every Adam/SPD op applied to
+# one slice before the next: the slice's working set stays in the last-level cache, where one
+# foreach op per whole tensor list would stream each buffer from memory again and again.
+_SLICE_NUMEL = 1 << 19
+
+
+def _slices(t: Tensor) -> list[slice]:
+    n = t.numel()
+    if not t.is_contiguous():
+        return [slice(0, n)]
+    return [slice(i, min(i + _SLICE_NUMEL, n)) for i in range(0, n, _SLICE_NUMEL)]
+
+
+def _flat_view(t: Tensor) -> Tensor:
+    return t.view(-1) if t.is_contiguous() else t
+
+
+def _sliced_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
+                   *, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, spd):
+    """CPU path for large tensors: slice by slice, cache-resident; returns sums [3, n]."""
+    if any(torch.is_complex(p) for p in params):
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors = (
+            _as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors)
+        )
+    params_l = [to_local(p) for p in params]
+    anchors_l = [None if a is None else to_local(a) for a in anchors]
+    dtype = params[0].dtype
+    torch._foreach_add_(state_steps, 1)
+    neg_step_size, bc2_sqrt = _adam_coefficients(torch.stack(state_steps), beta1=beta1,
+                                                 beta2=beta2, lr=lr)
+    denom_scale = (bc2_sqrt * neg_step_size).to(dtype).unbind()
+    denom_shift = (eps / neg_step_size).to(dtype).unbind()
+    decay = 1 - lr * weight_decay
+    sums = []
+    for i, p_full in enumerate(params_l):
+        p, g = _flat_view(p_full), _flat_view(to_local(grads[i]))
+        m, v = _flat_view(to_local(exp_avgs[i])), _flat_view(to_local(exp_avg_sqs[i]))
+        v_max = _flat_view(to_local(max_exp_avg_sqs[i])) if amsgrad else None
+        a = None if anchors_l[i] is None else _flat_view(anchors_l[i])
+        parts = []
+        for sl in _slices(p):
+            p_s, g_s, m_s, v_s = p[sl], g[sl], m[sl], v[sl]
+            if maximize:
+                g_s = -g_s
+            if spd:
+                d = p_s if a is None else p_s - a[sl]
+                parts += [_dot(g_s, d), _dot(d, d)]
+            elif weight_decay != 0:
+                p_s.mul_(decay)
+            m_s.lerp_(g_s, 1 - beta1)
+            v_s.mul_(beta2).addcmul_(g_s, g_s, value=1 - beta2)
+            if amsgrad:
+                v_s = torch.maximum(v_max[sl], v_s, out=v_max[sl])
+            p_s.addcdiv_(m_s, v_s.sqrt().div_(denom_scale[i]).add_(denom_shift[i]))
+            if spd:
+                d = p_s if a is None else p_s - a[sl]
+                parts.append(_dot(d, d))
+        if spd:
+            sums.append(torch.stack(parts).view(-1, 3).sum(0))
+    if not spd:
+        return None, None
+
+    def project(coef: Tensor) -> None:
+        weights = coef.to(dtype).unbind()
+        for i, p in enumerate(params_l):
+            if anchors_l[i] is None:
+                p.mul_(1 - weights[i])
+            else:
+                p.lerp_(anchors_l[i].to(dtype), weights[i])
+
+    return torch.stack(sums, dim=1), project
+
+
+_SEGMENT_CACHE: dict[tuple, Tensor] = {}
+
+
+def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """Which tensor each element of a flat buffer belongs to; built once per layout (a host to
+    device copy every step would stall the GPU)."""
+    key = (sizes, device)
+    if key not in _SEGMENT_CACHE:
+        if len(_SEGMENT_CACHE) > 64:
+            _SEGMENT_CACHE.clear()
+        counts = torch.tensor(sizes, device=device)
+        _SEGMENT_CACHE[key] = torch.repeat_interleave(
+            torch.arange(len(sizes), device=device), counts, output_size=sum(sizes)
+        )
+    return _SEGMENT_CACHE[key]
+
+
+def _flat_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
+                 *, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, spd):
+    """Adam for many small tensors at once, gathered into flat vectors; sums [3, n]."""
+    device, dtype, n = params[0].device, params[0].dtype, len(params)
+    sizes = [p.numel() for p in params]
+    segment = _segment_ids(tuple(sizes), device)
+
+    def flat(ts: list[Tensor]) -> Tensor:
+        return torch._C._nn.flatten_dense_tensors(ts).to(dtype)
+
+    def scatter(dst: list[Tensor], src: Tensor) -> None:
+        torch._foreach_copy_([t.view(-1) for t in dst], list(src.split(sizes)))
+
+    def segment_sum(x: Tensor) -> Tensor:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return torch.zeros(n, device=device, dtype=acc).index_add_(0, segment, x.to(acc))
 
     torch._foreach_add_(state_steps, 1)
-    neg_step_size, bc2_sqrt = _adam_coefficients(
-        torch.stack(state_steps), beta1=beta1, beta2=beta2, lr=lr
-    )
-    dtype = params[0].dtype
-
+    neg_step_size, bc2_sqrt = _adam_coefficients(torch.stack(state_steps), beta1=beta1,
+                                                 beta2=beta2, lr=lr)
+    p, g, m, v = flat(params), flat(grads), flat(exp_avgs), flat(exp_avg_sqs)
+    if maximize:
+        g = g.neg_()
+    anchor = flat(anchors) if spd and anchors[0] is not None else None
     if spd:
-        devs = _deviations(params_l, anchors_l)
-        dev_sq = torch.stack(_foreach_sum_of_products(devs, devs))
-        inner = torch.stack(_foreach_sum_of_products(grads_l, devs))
-        del devs
+        dev = p if anchor is None else p - anchor
+        dev_sq, inner = segment_sum(dev * dev), segment_sum(g * dev)
+        del dev
     elif weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    scatter(exp_avgs, m)
+    scatter(exp_avg_sqs, v)
     if amsgrad:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-        denom = torch._foreach_sqrt(max_exp_avg_sqs)
-    else:
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-    # denom = sqrt(v) / (bc2_sqrt * -step_size) + eps / -step_size, so p += m / denom.
-    torch._foreach_div_(denom, list((bc2_sqrt * neg_step_size).to(dtype).unbind()))
-    torch._foreach_add_(denom, list((eps / neg_step_size).to(dtype).unbind()))
-    torch._foreach_addcdiv_(params, exp_avgs, denom)
-    del denom
-
+        v_max = torch.maximum(flat(max_exp_avg_sqs), v)
+        scatter(max_exp_avg_sqs, v_max)
+        v = v_max
+    scale = (bc2_sqrt * neg_step_size).to(dtype).index_select(0, segment)
+    shift = (eps / neg_step_size).to(dtype).index_select(0, segment)
+    p.addcdiv_(m, v.sqrt().div_(scale).add_(shift))
     if not spd:
-        return None
-    new_devs = _deviations(params_l, anchors_l)
-    new_dev_sq = torch.stack(_foreach_sum_of_products(new_devs, new_devs))
-    del new_devs
-    sums = reduce_partial_sums(torch.stack([inner, dev_sq, new_dev_sq]), params)
-    fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[2], weight_decay)
-    coef_list = list(coef.to(dtype).unbind())
-    if anchors_l[0] is None:
-        torch._foreach_mul_(params_l, list((1 - coef).to(dtype).unbind()))
-    else:
-        anchors_cast = [a.to(dtype) for a in anchors_l]
-        torch._foreach_lerp_(params_l, anchors_cast, coef_list)
-    return fired.unbind(), ratio.unbind(), sums[1].clamp_min(0).sqrt().unbind()
+        scatter(params, p)
+        return None, None
+    new_dev = p if anchor is None else p - anchor
+    sums = torch.stack([inner, dev_sq, segment_sum(new_dev * new_dev)])
+    del new_dev
+
+    def project(coef: Tensor) -> None:
+        weight = coef.to(dtype).index_select(0, segment)
+        if anchor is None:
+            p.mul_(1 - weight)
+        else:
+            p.lerp_(anchor, weight)
+        scatter(params, p)
+
+    return sums, project
 
 
 def adam_spd(
@@ -315,7 +494,9 @@ def adam_spd(
     capturable: bool = False,
 ) -> SPDStepStats | None:
     """Functional AdamSPD: dispatch to the fused, multi-tensor or single-tensor path."""
-    if fused:
+    if fused and params and params[0].is_cuda:
+        from spdecay._triton import triton_adam_spd as func
+    elif fused:
         from spdecay._fused import fused_adam_spd as func
     elif foreach:
         func = _multi_tensor_adam_spd

@@ -232,7 +232,13 @@ def _step_dtype() -> torch.dtype:
 
 
 def _choose_path(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
-    if group["fused"]:
+    fused = group["fused"]
+    if fused is None and not group["foreach"] and all(p.is_cuda for p in params):
+        # On CUDA the Triton kernels are the default when Triton imports (else multi-tensor).
+        from spdecay._triton import supports
+
+        fused = supports(params)
+    if fused:
         return False, True
     foreach = group["foreach"]
     if foreach is None:  # multi-tensor by default whenever all tensors share one device
