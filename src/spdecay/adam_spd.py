@@ -136,22 +136,31 @@ class AdamSPD(Optimizer):
                 group.setdefault(key, False if key != "foreach" else None)
 
     def _init_group(
-        self, group: dict[str, Any]
-    ) -> tuple[list[Tensor], ...]:
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors = ([] for _ in range(7))
-        use_anchor = group["spd"] and group["anchor"] != "zero"
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        anchors: list[Tensor],
+    ) -> bool:
+        """Fill the lists with the group's parameters that have gradients (torch's convention,
+        which torch.compile relies on); returns whether any of them is complex."""
+        has_complex = False
+        use_anchor = _uses_anchor(group)
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("AdamSPD does not support sparse gradients")
+            has_complex |= torch.is_complex(p)
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif state["step"].device != p.device:  # e.g. a state_dict saved by torch's Adam
                 state["step"] = state["step"].to(p.device)
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -167,9 +176,10 @@ class AdamSPD(Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
-            anchors.append(state["anchor"] if use_anchor else None)
-        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors
+            state_steps.append(state["step"])
+            if use_anchor:
+                anchors.append(state["anchor"])
+        return has_complex
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -179,7 +189,12 @@ class AdamSPD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors = self._init_group(group)
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors = (
+                [] for _ in range(7)
+            )
+            self._init_group(
+                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors
+            )
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -191,7 +206,7 @@ class AdamSPD(Optimizer):
                 exp_avg_sqs,
                 max_exp_avg_sqs,
                 steps,
-                anchors,
+                anchors if _uses_anchor(group) else [None] * len(params),
                 foreach=foreach,
                 fused=fused,
                 amsgrad=group["amsgrad"],
@@ -225,6 +240,10 @@ class AdamSPD(Optimizer):
                 ratio.append(r)
                 deviation.append(d)
         return SPDStats.from_lists(names, fired, ratio, deviation)
+
+
+def _uses_anchor(group: dict[str, Any]) -> bool:
+    return group["spd"] and group["anchor"] != "zero"
 
 
 def _step_dtype() -> torch.dtype:
