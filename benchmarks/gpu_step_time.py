@@ -1,0 +1,267 @@
+"""Optimizer step time on a CUDA GPU: AdamSPD's paths against torch's AdamW.
+
+Parameter shapes of ViT-B/16 (86M), ViT-L/16 (304M) and a stack of LLaMA-7B decoder layers
+(hidden 4096, MLP 11008), fp32, random data; gradients are fixed tensors (no backward), so only
+the optimizer step is timed: CUDA events around each step after a warm-up, median over steps.
+
+Two anchor set-ups bracket AdamSPD's cost:
+- ``fire``: anchors placed so that the SPD condition fires *and* the ratio is positive for every
+  tensor on every step: pass 2 runs over all parameters (worst case);
+- ``none``: anchors at the initial values with constant gradients: the condition never fires and
+  pass 2 returns at once (best case).
+
+GB/s counts the bytes of the ideal algorithm (each tensor read or written once per pass), fp32:
+AdamW 7 accesses per element (read p, g, m, v; write p, m, v); AdamSPD 8 in pass 1 (+ the anchor)
+plus 3 in pass 2 (read p, p0; write p) where it fires.
+
+    PYTHONPATH=src python benchmarks/gpu_step_time.py --models vit_b,vit_l,llama8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+from spdecay import AdamSPD
+
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # datasheet HBM bandwidth, GB/s (SXM parts)
+
+
+def vit_shapes(dim: int, depth: int, mlp: int, classes: int = 1000) -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = [(dim, 3, 16, 16), (dim,), (1, 1, dim), (1, 197, dim)]
+    for _ in range(depth):
+        shapes += [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
+                   (dim,), (dim,), (mlp, dim), (mlp,), (dim, mlp), (dim,)]
+    return shapes + [(dim,), (dim,), (classes, dim), (classes,)]
+
+
+def llama_shapes(layers: int, hidden: int = 4096, mlp: int = 11008) -> list[tuple[int, ...]]:
+    per_layer = [(hidden, hidden)] * 4 + [(mlp, hidden), (mlp, hidden), (hidden, mlp),
+                                          (hidden,), (hidden,)]
+    return per_layer * layers
+
+
+MODELS = {
+    "vit_b": ("ViT-B/16", lambda: vit_shapes(768, 12, 3072)),
+    "vit_l": ("ViT-L/16", lambda: vit_shapes(1024, 24, 4096)),
+    "llama8": ("LLaMA-7B x8 layers", lambda: llama_shapes(8)),
+    "llama2": ("LLaMA-7B x2 layers", lambda: llama_shapes(2)),
+}
+
+
+class PerTensorIfSPD(torch.optim.Optimizer):
+    """The paper's reference structure: per tensor, a Python ``if`` on the condition (a host sync)."""
+
+    def __init__(self, params, anchors, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        for p, a in zip(self.param_groups[0]["params"], anchors, strict=True):
+            self.state[p]["pre"] = a
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                grad, pre = p.grad, state["pre"]
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bc1 = 1 - beta1 ** state["step"]
+                bc2 = 1 - beta2 ** state["step"]
+                denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
+                new_p = p - group["lr"] / bc1 * exp_avg / denom
+                condition = -torch.sum(grad * (p - pre))
+                if condition < 0.0:  # host sync, once per tensor
+                    new_norm = torch.norm(new_p - pre)
+                    ratio = (new_norm - torch.norm(p - pre)) / new_norm
+                    ratio = float(ratio.clamp(0, 1))
+                    new_p = new_p - group["weight_decay"] * ratio * (new_p - pre)
+                p.copy_(new_p)
+
+
+def make_problem(shapes, scenario: str, seed: int = 0, device: str = "cuda"):
+    """Parameters, fixed gradients and anchors on the GPU (fp32)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params, grads, anchors = [], [], []
+    for s in shapes:
+        p = torch.randn(s, device=device, generator=gen)
+        g = torch.randn(s, device=device, generator=gen)
+        if scenario == "fire":
+            # d = p - p0 with <g, d> > 0 but <sign(g), d> < 0: the condition fires and Adam's
+            # step (about -lr * sign(g)) moves p away from p0, so the ratio is positive.
+            d = torch.where(g.abs() > 1, g, -1.5 * g.sign())
+            anchors.append(p - d)
+        else:
+            anchors.append(p.clone())
+        params.append(p.requires_grad_())
+        grads.append(g)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return params, anchors
+
+
+def time_steps(step: Callable[[], None], warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends, strict=True):
+        s.record()
+        step()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+
+def graphed(step: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def copy_bandwidth() -> float:
+    """A large device-to-device copy: GB/s counting bytes read plus written."""
+    x = torch.empty(2**29, device="cuda")  # 2 GiB
+    y = torch.empty_like(x)
+    ms = time_steps(lambda: y.copy_(x), 3, 10)
+    return 2 * x.numel() * 4 / ms / 1e6
+
+
+def run_model(key: str, args) -> list[dict]:
+    from spdecay import _triton
+
+    name, shapes_fn = MODELS[key]
+    shapes = shapes_fn()
+    numel = sum(math.prod(s) for s in shapes)
+    rows = []
+
+    def bench(label: str, scenario: str, make_opt, accesses: float, graph: bool = False):
+        try:
+            _bench(label, scenario, make_opt, accesses, graph)
+        except torch.cuda.OutOfMemoryError as e:  # report and go on with the next row
+            print(f"  {label:28s} {scenario:5s} out of memory: {str(e)[:80]}", flush=True)
+            torch.cuda.empty_cache()
+
+    def _bench(label: str, scenario: str, make_opt, accesses: float, graph: bool = False):
+        params, anchors = make_problem(shapes, scenario)
+        opt = make_opt(params, anchors)
+        anchors.clear()  # AdamSPD keeps its own copies: free ours
+        step = opt.step if not graph else graphed(opt.step)
+        iters = args.iters if "if" not in label else max(5, args.iters // 4)
+        ms = time_steps(step, args.warmup, iters)
+        fired = ratio_pos = None
+        if isinstance(opt, AdamSPD):
+            stats = opt.spd_stats()
+            fired = float(stats.fired.float().mean())
+            ratio_pos = float((stats.ratio > 0).float().mean())
+        gbps = accesses * 4 * numel / ms / 1e6
+        row = dict(model=name, key=key, params_m=numel / 1e6, tensors=len(shapes), optimizer=label,
+                   scenario=scenario, ms=ms, gbps=gbps, fired=fired, ratio_pos=ratio_pos)
+        rows.append(row)
+        print(f"  {label:28s} {scenario:5s} {ms:8.3f} ms  {gbps:7.0f} GB/s  fired={fired} r>0={ratio_pos}", flush=True)
+        del opt, params, anchors, step
+        torch.cuda.empty_cache()
+
+    print(f"{name}: {numel / 1e6:.1f}M params in {len(shapes)} tensors", flush=True)
+    lr = 1e-4
+    adamw = lambda fused, foreach: (  # noqa: E731
+        lambda ps, _a: torch.optim.AdamW(ps, lr=lr, weight_decay=0.01, fused=fused, foreach=foreach))
+    spd = lambda **kw: (lambda ps, a: AdamSPD(ps, lr=lr, weight_decay=1.0, anchor=a, **kw))  # noqa: E731
+    bench("AdamW fused", "-", adamw(True, None), 7)
+    bench("AdamW foreach", "-", adamw(None, True), 7)
+    for scenario, acc in (("fire", 11), ("none", 8)):
+        bench("AdamSPD triton", scenario, spd(), acc)
+        bench("AdamSPD triton+graph", scenario, spd(capturable=True), acc, graph=True)
+        bench("AdamSPD foreach", scenario, spd(foreach=True), acc)
+    if args.sweep:
+        default = (_triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS)
+        for block, iters, warps in ((1024, 4, 4), (1024, 16, 4), (2048, 8, 8), (4096, 4, 8),
+                                    (1024, 32, 8), (512, 16, 4)):
+            _triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS = block, iters, warps
+            bench(f"triton B{block} I{iters} W{warps}", "fire", spd(), 11)
+        _triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS = default
+    if args.decision_ablation:
+        _triton.FUSED_DECISION = False
+        bench("AdamSPD triton, torch decision", "fire", spd(), 11)
+        _triton.FUSED_DECISION = True
+    if not args.skip_if:
+        bench("per-tensor if", "fire", lambda ps, a: PerTensorIfSPD(ps, a, lr=lr), 11)
+    return rows
+
+
+def table(rows: list[dict], device: str, peak: float | None) -> str:
+    lines = [f"Device: {device}. Median ms per step; GB/s of the ideal traffic"
+             + (f"; % of the {peak:.0f} GB/s datasheet peak" if peak else ""),
+             "",
+             "| model | params | optimizer | SPD fires | ms/step | x fused AdamW | GB/s |"
+             + (" % peak |" if peak else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
+    for r in rows:
+        base = next((x["ms"] for x in rows if x["key"] == r["key"] and x["optimizer"] == "AdamW fused"),
+                    float("nan"))
+        fires = {"fire": "all", "none": "none", "-": "-"}[r["scenario"]]
+        line = (f"| {r['model']} | {r['params_m']:.0f}M | {r['optimizer']} | {fires} | {r['ms']:.3f} "
+                f"| {r['ms'] / base:.2f} | {r['gbps']:.0f} |")
+        if peak:
+            line += f" {100 * r['gbps'] / peak:.0f}% |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="vit_b,vit_l,llama8")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--skip-if", action="store_true", help="skip the slow per-tensor `if` baseline")
+    ap.add_argument("--decision-ablation", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also try other block/chunk/warp sizes")
+    ap.add_argument("--block", type=int, default=None, help="override the kernel block size")
+    ap.add_argument("--chunk-iters", type=int, default=None, help="override blocks per program")
+    ap.add_argument("--warps", type=int, default=None, help="override warps per program")
+    ap.add_argument("--json", default=None, help="write all rows here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_step_time.py needs a CUDA device")
+    from spdecay import _triton
+
+    for attr, value in (("_BLOCK", args.block), ("_ITERS", args.chunk_iters), ("_NUM_WARPS", args.warps)):
+        if value is not None:
+            setattr(_triton, attr, value)
+    device = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_GBPS.items() if k in device), None)
+    copy = copy_bandwidth()
+    print(f"{device}, torch {torch.__version__}; device-to-device copy {copy:.0f} GB/s", flush=True)
+    rows = []
+    for key in args.models.split(","):
+        rows += run_model(key, args)
+    print()
+    print(table(rows, device, peak))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device, torch=torch.__version__, copy_gbps=copy, rows=rows), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

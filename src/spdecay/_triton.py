@@ -1,0 +1,492 @@
+"""AdamSPD as Triton kernels: two passes over memory, a handful of launches per step.
+
+SPD needs a reduction over each *whole* tensor before it can decide and project, so a step is at
+least two passes over memory (DEVELOPERS.md). This module does exactly that, for all tensors of a
+param group at once:
+
+1. ``_pass1``: Adam update, plus per-chunk partial sums of <g, p - p0>, ||p - p0||^2 and
+   ||p_adam - p0||^2 - ||p - p0||^2 (summed directly, free of cancellation) written to a
+   [3, n_chunks] buffer (no atomics: deterministic);
+2. ``_reduce``: one program per tensor sums its chunks in float64 and (without DTensors) takes
+   the SPD decision in the same kernel, mirroring :func:`spdecay._functional.spd_ratio`; with
+   DTensors the sums go through :func:`spdecay._sharding.reduce_partial_sums` and ``spd_ratio``;
+3. ``_pass2``: the projection ``p += coef * (p0 - p)``; chunks of tensors whose condition did not
+   fire return at once, so pass 2 only costs bandwidth where SPD acts.
+
+All tensors of a launch are reached through a device table of base addresses (one row per
+tensor) and a table of chunks (tensor index, first element), cached per set of addresses, so a
+step is 1 + 3 launches whatever the number of tensors, with no host sync: step counts and a
+tensor ``lr`` are read by the kernels from device memory, so the step can be captured in a CUDA
+graph.
+
+Mixed precision: parameters, gradients, moments and anchors each keep their own dtype (e.g. bf16
+parameters with fp32 ``exp_avg``/``exp_avg_sq`` and bf16 anchors). Every element is computed in
+float32 (float64 for float64 tensors) and rounded once when stored; the SPD sums use the rounded
+``p_adam``, i.e. the value the parameter really takes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spdecay._functional import SPDStepStats, _as_real, _single_tensor_adam_spd, spd_ratio
+from spdecay._sharding import is_dtensor, reduce_partial_sums, to_local
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - exercised where triton is missing
+    triton = tl = libdevice = None
+
+HAS_TRITON = triton is not None
+
+# Take the SPD decision inside the reduce kernel when no parameter is a DTensor (saves ~10 tiny
+# launches per step); the benchmark flips it to measure the difference.
+FUSED_DECISION = True
+_BLOCK = 1024  # elements per inner iteration: 256 threads x 4 contiguous fp32 = 16-byte accesses
+_ITERS = 16  # inner iterations per program: a chunk is _BLOCK * _ITERS elements
+_NUM_WARPS = 8
+_REDUCE_BLOCK = 128
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Triton's CPU interpreter has no libdevice: beta**t goes through exp2 there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(params: list[Tensor]) -> bool:
+    """True when the Triton path can take these parameters (the default choice on CUDA)."""
+    return HAS_TRITON and bool(params) and all(
+        p.device.type == "cuda" and (p.dtype in _SUPPORTED_DTYPES or torch.is_complex(p))
+        for p in params
+    )
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sqrt(x):
+        # IEEE-rounded, like torch (tl.sqrt is the fast approximation in float32).
+        if x.dtype == tl.float32:
+            return tl.sqrt_rn(x)
+        else:
+            return tl.sqrt(x)
+
+    @triton.jit
+    def _div(x, y):
+        if x.dtype == tl.float32:
+            return tl.div_rn(x, y)
+        else:
+            return x / y
+
+    @triton.jit
+    def _pass1(
+        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_sq_ptrs, anchor_ptrs,
+        step_ptrs, numels, chunk_tensor, chunk_start, partials, n_chunks,
+        lr_ptr, lr: tl.float64, beta1: tl.float64, beta2: tl.float64, log2_beta1: tl.float64,
+        log2_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
+        P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, A_DT: tl.constexpr,
+        C_DT: tl.constexpr, SPD: tl.constexpr, HAS_ANCHOR: tl.constexpr,
+        AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
+        STEP_DT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        t = tl.load(chunk_tensor + pid)
+        start = tl.load(chunk_start + pid)
+        numel = tl.load(numels + t)
+        p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(P_DT))
+        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(G_DT))
+        m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(S_DT))
+        v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(S_DT))
+
+        # Bias corrections in float64 from the (already incremented) device step count.
+        step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(STEP_DT))).to(tl.float64)
+        if LR_IS_TENSOR:
+            lr_v = tl.load(lr_ptr).to(tl.float64)
+        else:
+            lr_v = lr
+        if INTERPRET:
+            bc1 = 1.0 - tl.exp2(step * log2_beta1)
+            bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+        else:  # float64 pow from libdevice
+            bc1 = 1.0 - libdevice.pow(beta1, step)
+            bc2_sqrt = tl.sqrt(1.0 - libdevice.pow(beta2, step))
+        step_size = (lr_v / bc1).to(C_DT)
+        bc2_sqrt = bc2_sqrt.to(C_DT)
+        decay = tl.cast(1.0 - lr_v * weight_decay, C_DT)
+        # Scalars in the compute dtype, so the element-wise math stays in float32 for float32.
+        b1c = tl.cast(1.0 - beta1, C_DT)
+        b2 = tl.cast(beta2, C_DT)
+        b2c = tl.cast(1.0 - beta2, C_DT)
+        eps_c = tl.cast(eps, C_DT)
+
+        acc_inner = tl.zeros((BLOCK,), dtype=C_DT)
+        acc_dev = tl.zeros((BLOCK,), dtype=C_DT)
+        acc_delta = tl.zeros((BLOCK,), dtype=C_DT)
+        for i in range(0, ITERS):  # a constant bound: masked lanes move no memory
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DT)
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(C_DT)
+            v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(C_DT)
+            if MAXIMIZE:
+                g = -g
+            if SPD:
+                if HAS_ANCHOR:
+                    a_ptr = tl.load(anchor_ptrs + t).to(tl.pointer_type(A_DT))
+                    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(C_DT)
+                    d = p - a
+                else:
+                    d = p
+                acc_inner += g * d
+                acc_dev += d * d
+            else:  # AdamW: decoupled decay before the Adam update
+                p = p * decay
+            m = m + b1c * (g - m)  # lerp, as torch's exp_avg.lerp_(g, 1 - beta1)
+            v = v * b2 + b2c * g * g
+            if AMSGRAD:
+                vm_ptr = tl.load(max_sq_ptrs + t).to(tl.pointer_type(S_DT))
+                vmax = tl.maximum(tl.load(vm_ptr + offs, mask=mask, other=0.0).to(C_DT), v)
+                tl.store(vm_ptr + offs, vmax.to(S_DT), mask=mask)
+                second = vmax
+            else:
+                second = v
+            denom = _div(_sqrt(second), bc2_sqrt) + eps_c
+            p_new = (p - _div(step_size * m, denom)).to(P_DT)
+            tl.store(p_ptr + offs, p_new, mask=mask)
+            tl.store(m_ptr + offs, m.to(S_DT), mask=mask)
+            tl.store(v_ptr + offs, v.to(S_DT), mask=mask)
+            if SPD:
+                # ||p_adam - p0||^2 - ||p - p0||^2 = <u, u + 2 (p - p0)> with u = p_adam - p,
+                # summed directly: the difference of the two norms would cancel catastrophically
+                # when the step is small next to the deviation (the usual case in fine-tuning).
+                u = p_new.to(C_DT) - p  # the rounded value the parameter really takes
+                acc_delta += tl.where(mask, u * (u + 2.0 * d), 0.0)  # masked lanes: 0/0 if eps=0
+        if SPD:
+            tl.store(partials + pid, tl.sum(acc_inner, axis=0).to(tl.float64))
+            tl.store(partials + n_chunks + pid, tl.sum(acc_dev, axis=0).to(tl.float64))
+            tl.store(partials + 2 * n_chunks + pid, tl.sum(acc_delta, axis=0).to(tl.float64))
+
+    @triton.jit
+    def _reduce(
+        partials, n_chunks, tensor_first_chunk, sums, n_tensors,
+        fired_ptr, ratio_ptr, coef_ptr, dev_ptr, weight_decay: tl.float64,
+        DECIDE: tl.constexpr, RBLOCK: tl.constexpr, R_ITERS: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        first = tl.load(tensor_first_chunk + t)
+        last = tl.load(tensor_first_chunk + t + 1)
+        s0 = tl.zeros((RBLOCK,), dtype=tl.float64)
+        s1 = tl.zeros((RBLOCK,), dtype=tl.float64)
+        s2 = tl.zeros((RBLOCK,), dtype=tl.float64)
+        # A constexpr bound (a power of two covering the largest tensor's chunks): few variants.
+        for c in range(0, R_ITERS):
+            offs = first + c * RBLOCK + tl.arange(0, RBLOCK)
+            mask = offs < last
+            s0 += tl.load(partials + offs, mask=mask, other=0.0)
+            s1 += tl.load(partials + n_chunks + offs, mask=mask, other=0.0)
+            s2 += tl.load(partials + 2 * n_chunks + offs, mask=mask, other=0.0)
+        inner = tl.sum(s0, axis=0)
+        dev_sq = tl.sum(s1, axis=0)
+        delta = tl.sum(s2, axis=0)  # ||p_adam - p0||^2 - ||p - p0||^2
+        tl.store(sums + t, inner)
+        tl.store(sums + n_tensors + t, dev_sq)
+        tl.store(sums + 2 * n_tensors + t, delta)
+        if DECIDE:  # spd_ratio's decision for one tensor, with r in a cancellation-free form:
+            # r = (new - dev) / new = (new^2 - dev^2) / ((new + dev) * new)
+            dev = tl.sqrt(tl.maximum(dev_sq, 0.0))
+            new_dev = tl.sqrt(tl.maximum(dev_sq + delta, 0.0))
+            fired = inner > 0
+            safe = tl.where(new_dev > 0, (new_dev + dev) * new_dev, 1.0)
+            ratio = tl.minimum(tl.maximum(delta / safe, 0.0), 1.0)
+            ratio = tl.where(fired & (new_dev > 0), ratio, 0.0)
+            tl.store(fired_ptr + t, fired)
+            tl.store(ratio_ptr + t, ratio)
+            tl.store(coef_ptr + t, ratio * weight_decay)
+            tl.store(dev_ptr + t, dev)
+
+    @triton.jit
+    def _pass2(
+        param_ptrs, anchor_ptrs, numels, chunk_tensor, chunk_start, coef_ptr,
+        P_DT: tl.constexpr, A_DT: tl.constexpr, C_DT: tl.constexpr,
+        HAS_ANCHOR: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        t = tl.load(chunk_tensor + pid)
+        coef = tl.load(coef_ptr + t).to(C_DT)
+        if coef != 0:  # not fired: nothing to read or write
+            start = tl.load(chunk_start + pid)
+            numel = tl.load(numels + t)
+            p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(P_DT))
+            for i in range(0, ITERS):
+                offs = start + i * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < numel
+                p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+                if HAS_ANCHOR:
+                    a_ptr = tl.load(anchor_ptrs + t).to(tl.pointer_type(A_DT))
+                    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(C_DT)
+                    p = p + coef * (a - p)
+                else:
+                    p = p * (1.0 - coef)
+                tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
+
+    _TL_DTYPES = {
+        torch.float32: tl.float32,
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+        torch.float64: tl.float64,
+    }
+
+
+class _Tables:
+    """Device tables for one set of tensors: base addresses, sizes and the chunk decomposition."""
+
+    def __init__(self, columns: list[list[int]], numels: list[int], device: torch.device) -> None:
+        chunk = _BLOCK * _ITERS
+        counts = [max(1, -(-n // chunk)) for n in numels]
+        chunk_tensor = [t for t, c in enumerate(counts) for _ in range(c)]
+        chunk_start = [k * chunk for c in counts for k in range(c)]
+        first = [0]
+        for c in counts:
+            first.append(first[-1] + c)
+        rows = [*columns, numels, chunk_start, first, chunk_tensor]
+        width = max(len(r) for r in rows)
+        host = torch.zeros(len(rows), width, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            host[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        if device.type == "cuda":
+            # Pinned + non_blocking: no host sync. The host copy is kept alive with the table so
+            # a copy captured into a CUDA graph stays valid.
+            host = host.pin_memory()
+        self.host = host
+        self.device_table = host.to(device, non_blocking=True)
+        k = len(columns)
+        self.columns = [self.device_table[i] for i in range(k)]
+        self.numels = self.device_table[k]
+        self.chunk_start = self.device_table[k + 1]
+        self.first_chunk = self.device_table[k + 2]
+        self.chunk_tensor = self.device_table[k + 3].to(torch.int32)[: len(chunk_tensor)]
+        self.n_chunks = len(chunk_tensor)
+        self.max_chunks = max(counts)
+
+
+_TABLE_CACHE: OrderedDict[tuple, _Tables] = OrderedDict()
+_TABLE_CACHE_SIZE = 16
+
+
+def _tables(columns: list[list[Tensor | None]], device: torch.device) -> _Tables:
+    # Keyed by every address and size the table holds: a hit has identical contents.
+    addrs = [[0 if t is None else t.data_ptr() for t in col] for col in columns]
+    numels = [t.numel() for t in columns[0]]
+    key = (device, _BLOCK * _ITERS, tuple(map(tuple, addrs)), tuple(numels))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    tables = _Tables(addrs, numels, device)
+    _TABLE_CACHE[key] = tables
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return tables
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense (any dim order): its storage is a flat array of numel elements."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _kernel_compatible(tensors: list[Tensor | None]) -> bool:
+    """All present tensors dense with one layout and a supported dtype: walkable as flat arrays."""
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    return _is_dense(first) and all(
+        t.dtype in _SUPPORTED_DTYPES and t.shape == first.shape and t.stride() == first.stride()
+        and t.device == first.device
+        for t in present
+    )
+
+
+def triton_adam_spd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    spd: bool,
+    capturable: bool = False,
+) -> SPDStepStats | None:
+    """Triton AdamSPD with the shared functional signature (see DEVELOPERS.md)."""
+    if not HAS_TRITON:
+        raise RuntimeError("AdamSPD(fused=True) on this device needs Triton: pip install triton")
+    return _triton_adam_spd(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        maximize=maximize, spd=spd,
+    )
+
+
+@torch.compiler.disable  # data_ptr() tables and Triton launches run eagerly inside compiled code
+def _triton_adam_spd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    spd: bool,
+) -> SPDStepStats | None:
+    n = len(params)
+    if n == 0:
+        return SPDStepStats([], [], []) if spd else None
+    if not spd:
+        anchors = [None] * n
+    if not amsgrad:
+        max_exp_avg_sqs = [None] * n
+    hyper = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                 eps=eps, maximize=maximize, spd=spd)
+
+    # Flat local views (complex as real pairs, DTensors as their local shards).
+    cols = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors]
+    local = [[None if x is None else to_local(x) for x in _as_real(list(col))] for col in cols]
+
+    groups: dict[tuple, list[int]] = {}
+    fallback: list[int] = []
+    for i in range(n):
+        row = [col[i] for col in local]
+        step = state_steps[i]
+        if not _kernel_compatible(row) or step.device != row[0].device or step.dtype not in (
+            torch.float32, torch.float64
+        ):
+            fallback.append(i)
+            continue
+        key = (*(None if x is None else x.dtype for x in row), row[0].device, step.dtype)
+        groups.setdefault(key, []).append(i)
+
+    results: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+    if fallback:  # odd layouts or dtypes: the reference path, per tensor
+        out = _single_tensor_adam_spd(
+            [params[i] for i in fallback], [grads[i] for i in fallback],
+            [exp_avgs[i] for i in fallback], [exp_avg_sqs[i] for i in fallback],
+            [max_exp_avg_sqs[i] for i in fallback] if amsgrad else [],
+            [state_steps[i] for i in fallback], [anchors[i] for i in fallback], **hyper,
+        )
+        if out is not None:
+            for j, i in enumerate(fallback):
+                results[i] = (out.fired[j], out.ratio[j], out.deviation[j])
+
+    sharded = any(is_dtensor(p) for p in params)
+    for idx in groups.values():
+        out = _launch_group(
+            [[col[i] for i in idx] for col in local], [state_steps[i] for i in idx],
+            [params[i] for i in idx], sharded=sharded, **hyper,
+        )
+        if out is not None:
+            for j, i in enumerate(idx):
+                results[i] = (out[0][j], out[1][j], out[2][j])
+    if not spd:
+        return None
+    ordered = [results[i] for i in range(n)]
+    return SPDStepStats(*(list(col) for col in zip(*ordered, strict=True)))
+
+
+def _launch_group(
+    cols: list[list[Tensor | None]],
+    steps: list[Tensor],
+    logical_params: list[Tensor],
+    *,
+    sharded: bool,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    spd: bool,
+) -> tuple[Any, Any, Any] | None:
+    params, grads, exp_avgs, exp_avg_sqs, max_sqs, anchors = cols
+    device = params[0].device
+    n = len(params)
+    torch._foreach_add_(steps, 1)
+    has_anchor = spd and anchors[0] is not None
+    tables = _tables([params, grads, exp_avgs, exp_avg_sqs, max_sqs, anchors, steps], device)
+    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, a_ptrs, step_ptrs = tables.columns
+
+    lr_is_tensor = isinstance(lr, Tensor) and lr.device == device
+    lr_ptr = lr if lr_is_tensor else step_ptrs  # step_ptrs: a dummy the kernel never reads
+    lr_value = float(lr) if not lr_is_tensor else 0.0  # a CPU tensor lr is read on the host
+    wide = torch.float64 in (params[0].dtype, exp_avgs[0].dtype)
+    compute = tl.float64 if wide else tl.float32
+    p_dt = _TL_DTYPES[params[0].dtype]
+    a_dt = _TL_DTYPES[anchors[0].dtype] if has_anchor else p_dt
+    partials = torch.empty(3 * tables.n_chunks if spd else 1, dtype=torch.float64, device=device)
+
+    _pass1[(tables.n_chunks,)](
+        p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, a_ptrs, step_ptrs, tables.numels,
+        tables.chunk_tensor, tables.chunk_start, partials, tables.n_chunks,
+        lr_ptr, lr_value, beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
+        P_DT=p_dt, G_DT=_TL_DTYPES[grads[0].dtype], S_DT=_TL_DTYPES[exp_avgs[0].dtype],
+        A_DT=a_dt, C_DT=compute, SPD=spd, HAS_ANCHOR=has_anchor, AMSGRAD=amsgrad,
+        MAXIMIZE=maximize, LR_IS_TENSOR=lr_is_tensor, STEP_DT=_TL_DTYPES[steps[0].dtype],
+        BLOCK=_BLOCK, ITERS=_ITERS,
+        INTERPRET=_INTERPRET, num_warps=_NUM_WARPS,
+    )
+    if not spd:
+        return None
+
+    sums = torch.empty(3, n, dtype=torch.float64, device=device)
+    decide = FUSED_DECISION and not sharded
+    fired = torch.empty(n, dtype=torch.bool, device=device)
+    ratio, coef, dev = torch.empty(3, n, dtype=torch.float64, device=device).unbind()
+    _reduce[(n,)](
+        partials, tables.n_chunks, tables.first_chunk, sums, n,
+        fired, ratio, coef, dev, weight_decay, DECIDE=decide, RBLOCK=_REDUCE_BLOCK,
+        R_ITERS=triton.next_power_of_2(-(-tables.max_chunks // _REDUCE_BLOCK)),
+    )
+    if not decide:  # whole-tensor sums over the shard group, then the shared decision
+        sums = reduce_partial_sums(sums, logical_params)
+        fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[1] + sums[2], weight_decay)
+        dev = sums[1].clamp_min(0).sqrt()
+        coef = coef.contiguous()
+
+    _pass2[(tables.n_chunks,)](
+        p_ptrs, a_ptrs, tables.numels, tables.chunk_tensor, tables.chunk_start, coef,
+        P_DT=p_dt, A_DT=a_dt, C_DT=compute, HAS_ANCHOR=has_anchor, BLOCK=_BLOCK,
+        ITERS=_ITERS, num_warps=_NUM_WARPS,
+    )
+    return fired.unbind(), ratio.unbind(), dev.unbind()
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else -math.inf

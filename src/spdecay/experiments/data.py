@@ -1,0 +1,90 @@
+"""Containers for a task's labelled data and deterministic splitting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spdecay.experiments.errors import RunnerError
+
+# Splits never depend on the run's seed: every optimizer and seed sees the same data.
+DATA_SEED = 0
+
+
+@dataclass
+class Split:
+    """One labelled split. ``inputs``: a list of strings (text) or an N x C x H x W float tensor
+    in [0, 1] (images); ``labels``: int64 class indices into the task's ``classes``."""
+
+    name: str
+    inputs: Any
+    labels: Tensor
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # e.g. token ids, built once
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: Tensor | Sequence[int], name: str | None = None) -> Split:
+        index = torch.as_tensor(index, dtype=torch.long)
+        if isinstance(self.inputs, Tensor):
+            inputs = self.inputs[index]
+        else:
+            inputs = [self.inputs[i] for i in index.tolist()]
+        return Split(name or self.name, inputs, self.labels[index])
+
+
+@dataclass
+class TaskData:
+    kind: str  # "text" or "image"
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    ood: dict[str, Split]
+
+    def check(self) -> None:
+        """Every split non-empty and every label a known class index."""
+        for split in (self.train, self.val, self.test, *self.ood.values()):
+            if len(split) == 0:
+                raise RunnerError(f"data split '{split.name}' is empty")
+            if int(split.labels.min()) < 0 or int(split.labels.max()) >= len(self.classes):
+                raise RunnerError(f"data split '{split.name}' has labels outside {self.classes}")
+
+
+def permutation(n: int, seed: int = DATA_SEED) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def take(split: Split, n: int | None, seed: int = DATA_SEED, name: str | None = None) -> Split:
+    """A deterministic random subset of ``n`` rows (all rows, shuffled, when n is None or larger)."""
+    perm = permutation(len(split), seed)
+    if n is not None:
+        perm = perm[:n]
+    return split.subset(perm, name)
+
+
+def split_three(
+    full: Split, sizes: tuple[int | None, int, int], seed: int = DATA_SEED
+) -> tuple[Split, Split, Split]:
+    """Deterministic disjoint train/val/test subsets: val and test first, train from the rest."""
+    train_n, val_n, test_n = sizes
+    if val_n + test_n >= len(full):
+        raise RunnerError(
+            f"data set '{full.name}' has {len(full)} rows, too few for {val_n} validation "
+            f"and {test_n} test rows"
+        )
+    perm = permutation(len(full), seed)
+    val = full.subset(perm[:val_n], "val")
+    test = full.subset(perm[val_n : val_n + test_n], "test")
+    rest = perm[val_n + test_n :]
+    if train_n is not None:
+        rest = rest[:train_n]
+    return full.subset(rest, "train"), val, test
+
+
+def class_counts(split: Split, n_classes: int) -> list[int]:
+    return torch.bincount(split.labels, minlength=n_classes).tolist()

@@ -1,0 +1,137 @@
+"""The run's pictures (matplotlib, Agg backend, PNG):
+
+* ``id_vs_ood.png``: ID test accuracy against mean OOD accuracy per optimizer;
+* ``layer_deviation.png``: per-layer relative distance from the pre-trained weights;
+* ``spd_fired.png``: per layer, the fraction of steps whose SPD condition fired.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import statistics
+from pathlib import Path
+
+from spdecay.experiments.errors import require
+from spdecay.experiments.protocol import select
+from spdecay.experiments.results_io import atomic_write_bytes
+
+COLORS = {"adamw": "#1f77b4", "l2sp": "#2ca02c", "adamspd": "#d62728", "sgdspd": "#9467bd"}
+LABELS = {"adamw": "AdamW", "l2sp": "Adam L2-SP", "adamspd": "AdamSPD", "sgdspd": "SGD + SPD"}
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "the plots")
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def short_name(name: str) -> str:
+    for pattern, repl in (
+        (r"^base_model\.model\.", ""), (r"^(bert|roberta|model|vit|deberta)\.", ""),
+        (r"encoder\.layers?\.(\d+)\.", r"L\1."), (r"attention\.self\.", "att."),
+        (r"attention\.output\.", "att.out."), (r"_blocks\.(\d+)\.", r"B\1."), (r"\.default", ""),
+    ):
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def _chosen_first_seed(records: list[dict]) -> dict[str, dict]:
+    return {name: min(c["records"], key=lambda r: r["seed"]) for name, c in select(records).items()}
+
+
+def plot_id_vs_ood(records: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, choice in select(records).items():
+        color = COLORS.get(name, "gray")
+        every = [r for r in records if r["optimizer"] == name]
+        ax.scatter([r["test"]["accuracy"] for r in every], [r.get("ood_mean_accuracy", 0) for r in every],
+                   color=color, alpha=0.3, s=18)
+        x = [r["test"]["accuracy"] for r in choice["records"]]
+        y = [r.get("ood_mean_accuracy", 0) for r in choice["records"]]
+        ax.errorbar(statistics.fmean(x), statistics.fmean(y),
+                    xerr=statistics.stdev(x) if len(x) > 1 else None,
+                    yerr=statistics.stdev(y) if len(y) > 1 else None,
+                    fmt="o", ms=9, color=color, capsize=3,
+                    label=f"{LABELS.get(name, name)} (wd {choice['weight_decay']:g})")
+    ax.set_xlabel("ID test accuracy")
+    ax.set_ylabel("mean OOD accuracy")
+    ax.set_title("ID vs OOD accuracy (large: chosen setting, small: every sweep point and seed)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def _layer_axis(ax, names: list[str]) -> None:
+    step = max(1, len(names) // 14)
+    ticks = list(range(0, len(names), step))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([short_name(names[i]) for i in ticks], rotation=60, ha="right", fontsize=6)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+
+
+def plot_layer_deviation(records: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    chosen = _chosen_first_seed(records)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names: list[str] = []
+    for name, r in chosen.items():
+        layers = r["layers"]
+        names = layers["names"] or names
+        emphasis = name in ("adamw", "adamspd")
+        ax.plot(range(len(layers["relative"])), layers["relative"], color=COLORS.get(name, "gray"),
+                lw=1.4 if emphasis else 0.9, alpha=1.0 if emphasis else 0.6,
+                label=f"{LABELS.get(name, name)}: total ‖θ−θ₀‖ = {r['deviation']['total']:.2f}")
+    ax.set_yscale("log")
+    ax.set_ylabel("‖θ−θ₀‖ / ‖θ₀‖ per layer")
+    ax.set_title("Distance of each layer from the pre-trained weights (chosen setting, first seed)", fontsize=9)
+    _layer_axis(ax, names)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def plot_spd_fired(records: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    chosen = {n: r for n, r in _chosen_first_seed(records).items() if r.get("spd")}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if not chosen:
+        ax.text(0.5, 0.5, "no SPD optimizer in this run", ha="center", va="center")
+        ax.set_axis_off()
+    names: list[str] = []
+    width = 0.8 / max(1, len(chosen))
+    for k, (name, r) in enumerate(chosen.items()):
+        names = r["spd"]["layer_names"]
+        frac = r["spd"]["layer_fired_fraction"]
+        ax.bar([i + k * width for i in range(len(frac))], frac, width=width, color=COLORS.get(name, "gray"),
+               label=f"{LABELS.get(name, name)} (wd {r['hparams']['weight_decay']:g}): "
+                     f"mean {r['spd']['fraction_fired']:.2f}")
+    if chosen:
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("fraction of steps SPD fired")
+        ax.set_title("Selective: how often each layer's SPD condition ⟨g, θ−θ₀⟩ > 0 held", fontsize=9)
+        _layer_axis(ax, names)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def write_plots(out: Path, records: list[dict]) -> list[Path]:
+    if not records:
+        return []
+    paths = [out / "id_vs_ood.png", out / "layer_deviation.png", out / "spd_fired.png"]
+    plot_id_vs_ood(records, paths[0])
+    plot_layer_deviation(records, paths[1])
+    plot_spd_fired(records, paths[2])
+    return paths
