@@ -448,3 +448,25 @@ def test_step_never_reads_tensor_values_on_the_host(monkeypatch, foreach):
     run(opt, params, grads)
     monkeypatch.undo()
     assert opt.state[params[0]]["step"].item() == 3
+
+
+@pytest.mark.parametrize("foreach", PATHS)
+def test_ratio_is_accurate_for_small_steps_far_from_the_anchor(foreach):
+    # float32, deviation ~1 per element, steps of 1e-5: ||p_adam - p0|| - ||p - p0|| is ~1e-6 of
+    # the norms, below float32 resolution if computed as a difference of two norms.
+    n, lr, k = 200_000, 1e-5, 80_000
+    d = torch.ones(n)
+    d[k:] = -1.0
+    g = torch.full((n,), 10.0)
+    g[k:] = 0.001  # <g, d> > 0: the condition fires, yet the step grows the deviation
+    p = d.clone().requires_grad_()
+    opt = AdamSPD([p], lr=lr, anchor="zero", foreach=foreach)
+    p.grad = g
+    opt.step()
+    d64, g64 = d.double(), g.double()
+    update = -lr * g64 / (g64.abs() + 1e-8)  # Adam's first step
+    new, old = (d64 + update).norm(), d64.norm()
+    expected = float((new - old) / new)
+    stats = opt.spd_stats()
+    assert bool(stats.fired[0]) and expected > 0
+    assert float(stats.ratio[0]) == pytest.approx(expected, rel=1e-3)

@@ -54,20 +54,33 @@ def _adam_coefficients(
 
 
 def spd_ratio(
-    inner: Tensor, dev_sq: Tensor, new_dev_sq: Tensor, weight_decay: float
+    inner: Tensor,
+    dev_sq: Tensor,
+    new_dev_sq: Tensor,
+    weight_decay: float,
+    *,
+    growth: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Vectorised SPD decision for stacked per-tensor sums (one entry per tensor).
 
     ``inner`` is <g, p - p0>, ``dev_sq`` ||p - p0||^2 and ``new_dev_sq`` ||p_adam - p0||^2, all
-    already reduced over the whole logical tensor. Returns (fired, ratio, coefficient) where the
+    already reduced over the whole logical tensor. ``growth``, if given, is
+    ||p_adam - p0||^2 - ||p - p0||^2 summed element by element (sum of d*(2(p - p0) + d) for the
+    Adam update d): with small steps far from the anchor it keeps the ratio exact where the
+    difference of two large norms would cancel. Returns (fired, ratio, coefficient) where the
     projection is ``p_new = p_adam - coefficient * (p_adam - p0)``.
     """
     dev = dev_sq.clamp_min(0).sqrt()
     new_dev = new_dev_sq.clamp_min(0).sqrt()
     fired = inner > 0  # c = -<g, p - p0> < 0
+    if growth is None:
+        diff = new_dev - dev
+    else:  # ||a|| - ||b|| = (||a||^2 - ||b||^2) / (||a|| + ||b||)
+        total = new_dev + dev
+        diff = growth / torch.where(total > 0, total, torch.ones_like(total))
     # No division by zero: where ||p_adam - p0|| is 0 the ratio is 0.
     safe = torch.where(new_dev > 0, new_dev, torch.ones_like(new_dev))
-    ratio = ((new_dev - dev) / safe).clamp(0, 1)
+    ratio = (diff / safe).clamp(0, 1)
     ratio = torch.where(fired & (new_dev > 0), ratio, torch.zeros_like(ratio))
     return fired, ratio, ratio * weight_decay
 
@@ -121,15 +134,20 @@ def _single_tensor_adam_spd(
             second = max_exp_avg_sq
         else:
             second = exp_avg_sq
-        # p += -step_size * m / (sqrt(v) / bc2_sqrt + eps), written with tensor coefficients.
+        # update = -step_size * m / (sqrt(v) / bc2_sqrt + eps), with tensor coefficients.
         denom = (second.sqrt() / (bc2_sqrt * neg_step_size)).add_(eps / neg_step_size)
-        param.addcdiv_(exp_avg, denom)
+        update = exp_avg / denom
+        if spd:  # before p moves (dev may alias p)
+            update_l = to_local(update)
+            # ||p_adam - p0||^2 - ||p - p0||^2 = <u, 2 (p - p0) + u>, free of cancellation
+            growth = 2 * torch.sum(update_l * dev) + torch.sum(update_l * update_l)
+        param.add_(update)
 
         if spd:
-            new_dev = param_l if anchor_l is None else param_l - anchor_l
-            new_dev_sq = torch.sum(new_dev * new_dev)
-            sums = reduce_partial_sums(torch.stack([inner, dev_sq, new_dev_sq]).unsqueeze(1), [param])
-            fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[2], weight_decay)
+            sums = reduce_partial_sums(torch.stack([inner, dev_sq, growth]).unsqueeze(1), [param])
+            fired, ratio, coef = spd_ratio(
+                sums[0], sums[1], sums[1] + sums[2], weight_decay, growth=sums[2]
+            )
             coef = coef[0].to(param.dtype)
             if anchor_l is None:
                 param_l.mul_(1 - coef)
@@ -153,6 +171,11 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     if x.dtype in _LOW_PRECISION or y.dtype in _LOW_PRECISION:
         return torch.dot(x.reshape(-1).float(), y.reshape(-1).float())
     return torch.dot(x.reshape(-1), y.reshape(-1))
+
+
+def _growth(updates: list[Tensor], devs: list[Tensor]) -> list[Tensor]:
+    """Per tensor ||p + u - p0||^2 - ||p - p0||^2 = <u, 2 (p - p0) + u>, free of cancellation."""
+    return [2 * _dot(u, d) + _dot(u, u) for u, d in zip(updates, devs)]
 
 
 def _deviations(params: list[Tensor], anchors: list[Tensor | None]) -> list[Tensor]:
@@ -222,7 +245,7 @@ def _multi_tensor_adam_spd(
     if not spd:
         return None
     sums = reduce_partial_sums(torch.cat(sums_parts, dim=1), [params[i] for i in order])
-    fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[2], weight_decay)
+    fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[1] + sums[2], weight_decay, growth=sums[2])
     start = 0
     for finish, n in finishers:
         finish(coef[start : start + n])
@@ -264,7 +287,9 @@ def _chunks(tensors: list[Tensor]) -> list[slice]:
 
 def _foreach_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
                     *, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, spd):
-    """Adam via torch._foreach_* over chunks of large tensors; returns partial sums [3, n]."""
+    """Adam via torch._foreach_* over chunks of large tensors.
+
+    Returns partial sums [3, n] (<g, p - p0>, ||p - p0||^2, growth of that) and the projection."""
     if any(torch.is_complex(p) for p in params):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors = (
             _as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors)
@@ -272,13 +297,16 @@ def _foreach_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
     params_l = [to_local(p) for p in params]
     grads_l = [to_local(g) for g in grads]
     anchors_l = [None if a is None else to_local(a) for a in anchors]
+    # DTensor state (FSDP2) goes local too: foreach ops reject mixed DTensor / Tensor lists.
+    exp_avgs, exp_avg_sqs = [to_local(t) for t in exp_avgs], [to_local(t) for t in exp_avg_sqs]
+    max_exp_avg_sqs = [None if t is None else to_local(t) for t in max_exp_avg_sqs]
     dtype = params[0].dtype
     torch._foreach_add_(state_steps, 1)
     neg_step_size, bc2_sqrt = _adam_coefficients(torch.stack(state_steps), beta1=beta1,
                                                  beta2=beta2, lr=lr)
     denom_scale = list((bc2_sqrt * neg_step_size).to(dtype).unbind())
     denom_shift = list((eps / neg_step_size).to(dtype).unbind())
-    inner, dev_sq, new_dev_sq = [], [], []
+    inner, dev_sq, growth = [], [], []
     for sl in _chunks(params_l):
         p, g, m, v = params_l[sl], grads_l[sl], exp_avgs[sl], exp_avg_sqs[sl]
         if maximize:
@@ -287,7 +315,6 @@ def _foreach_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
             devs = _deviations(p, anchors_l[sl])
             dev_sq += _foreach_sum_of_products(devs, devs)
             inner += _foreach_sum_of_products(g, devs)
-            del devs
         elif weight_decay != 0:
             torch._foreach_mul_(p, 1 - lr * weight_decay)
         torch._foreach_lerp_(m, g, 1 - beta1)
@@ -300,15 +327,19 @@ def _foreach_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, denom_scale[sl])
         torch._foreach_add_(denom, denom_shift[sl])
-        torch._foreach_addcdiv_(p, m, denom)
-        del denom
         if spd:
-            new_devs = _deviations(p, anchors_l[sl])
-            new_dev_sq += _foreach_sum_of_products(new_devs, new_devs)
-            del new_devs
+            update = torch._foreach_div(m, denom)
+            del denom
+            growth += _growth(update, devs)  # before p moves: devs may alias p
+            del devs
+            torch._foreach_add_(p, update)
+            del update
+        else:
+            torch._foreach_addcdiv_(p, m, denom)
+            del denom
     if not spd:
         return None, None
-    sums = torch.stack([torch.stack(inner), torch.stack(dev_sq), torch.stack(new_dev_sq)])
+    sums = torch.stack([torch.stack(inner), torch.stack(dev_sq), torch.stack(growth)])
 
     def project(coef: Tensor) -> None:
         coef = coef.to(dtype)
@@ -331,7 +362,7 @@ _SLICE_NUMEL = 1 << 19
 
 def _slices(t: Tensor) -> list[slice]:
     n = t.numel()
-    if not t.is_contiguous():
+    if n == 0 or not t.is_contiguous():  # n == 0: an empty local shard (FSDP2, more ranks than rows)
         return [slice(0, n)]
     return [slice(i, min(i + _SLICE_NUMEL, n)) for i in range(0, n, _SLICE_NUMEL)]
 
@@ -376,10 +407,13 @@ def _sliced_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
             v_s.mul_(beta2).addcmul_(g_s, g_s, value=1 - beta2)
             if amsgrad:
                 v_s = torch.maximum(v_max[sl], v_s, out=v_max[sl])
-            p_s.addcdiv_(m_s, v_s.sqrt().div_(denom_scale[i]).add_(denom_shift[i]))
+            denom = v_s.sqrt().div_(denom_scale[i]).add_(denom_shift[i])
             if spd:
-                d = p_s if a is None else p_s - a[sl]
-                parts.append(_dot(d, d))
+                update = torch.div(m_s, denom, out=denom)
+                parts += _growth([update], [d])  # before p moves: d may alias p
+                p_s.add_(update)
+            else:
+                p_s.addcdiv_(m_s, denom)
         if spd:
             sums.append(torch.stack(parts).view(-1, 3).sum(0))
     if not spd:
@@ -400,16 +434,16 @@ _SEGMENT_CACHE: dict[tuple, Tensor] = {}
 
 
 def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> Tensor:
-    """Which tensor each element of a flat buffer belongs to; built once per layout (a host to
-    device copy every step would stall the GPU)."""
+    """Which tensor each element of a flat buffer belongs to; built once per layout on the host
+    and copied without blocking (a blocking copy would stall the GPU)."""
     key = (sizes, device)
     if key not in _SEGMENT_CACHE:
         if len(_SEGMENT_CACHE) > 64:
             _SEGMENT_CACHE.clear()
-        counts = torch.tensor(sizes, device=device)
-        _SEGMENT_CACHE[key] = torch.repeat_interleave(
-            torch.arange(len(sizes), device=device), counts, output_size=sum(sizes)
-        )
+        ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        if device.type == "cuda":
+            ids = ids.pin_memory().to(device, non_blocking=True)
+        _SEGMENT_CACHE[key] = ids.to(device)
     return _SEGMENT_CACHE[key]
 
 
@@ -440,7 +474,6 @@ def _flat_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
     if spd:
         dev = p if anchor is None else p - anchor
         dev_sq, inner = segment_sum(dev * dev), segment_sum(g * dev)
-        del dev
     elif weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
@@ -453,13 +486,16 @@ def _flat_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
         v = v_max
     scale = (bc2_sqrt * neg_step_size).to(dtype).index_select(0, segment)
     shift = (eps / neg_step_size).to(dtype).index_select(0, segment)
-    p.addcdiv_(m, v.sqrt().div_(scale).add_(shift))
+    denom = v.sqrt().div_(scale).add_(shift)
     if not spd:
+        p.addcdiv_(m, denom)
         scatter(params, p)
         return None, None
-    new_dev = p if anchor is None else p - anchor
-    sums = torch.stack([inner, dev_sq, segment_sum(new_dev * new_dev)])
-    del new_dev
+    update = torch.div(m, denom, out=denom)
+    growth = 2 * segment_sum(update * dev) + segment_sum(update * update)  # before p moves
+    del dev
+    p.add_(update)
+    sums = torch.stack([inner, dev_sq, growth])
 
     def project(coef: Tensor) -> None:
         weight = coef.to(dtype).index_select(0, segment)
