@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import OrderedDict
-from typing import Any
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -50,20 +51,25 @@ HAS_TRITON = triton is not None
 # Take the SPD decision inside the reduce kernel when no parameter is a DTensor (saves ~10 tiny
 # launches per step); the benchmark flips it to measure the difference.
 FUSED_DECISION = True
-_BLOCK = 1024  # elements per inner iteration: 256 threads x 4 contiguous fp32 = 16-byte accesses
-_ITERS = 16  # inner iterations per program: a chunk is _BLOCK * _ITERS elements
-_NUM_WARPS = 8
+# Measured on an H100 (benchmarks/gpu_step_time.py --sweep): 1024 x 4 with 4 warps was 2-3%
+# faster than larger chunks or more warps on ViT-B, ViT-L and a LLaMA-7B layer stack.
+_BLOCK = 1024  # elements per inner iteration (128 threads x 8 contiguous elements)
+_ITERS = 4  # inner iterations per program: a chunk is _BLOCK * _ITERS elements
+_NUM_WARPS = 4
 _REDUCE_BLOCK = 128
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DEFAULT_DTYPES = {*_SUPPORTED_DTYPES, torch.complex64, torch.complex128}
 # Triton's CPU interpreter has no libdevice: beta**t goes through exp2 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supports(params: list[Tensor]) -> bool:
     """True when the Triton path can take these parameters (the default choice on CUDA)."""
-    return HAS_TRITON and bool(params) and all(
-        p.device.type == "cuda" and (p.dtype in _SUPPORTED_DTYPES or torch.is_complex(p))
-        for p in params
+    return (
+        HAS_TRITON
+        and bool(params)
+        and all(map(attrgetter("is_cuda"), params))
+        and set(map(attrgetter("dtype"), params)) <= _DEFAULT_DTYPES
     )
 
 
@@ -105,8 +111,11 @@ if HAS_TRITON:
         m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(S_DT))
         v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(S_DT))
 
-        # Bias corrections in float64 from the (already incremented) device step count.
+        # Bias corrections in float64 from the device step count. With SPD the reduce kernel
+        # increments it after this pass (one program per tensor); without, it was done before.
         step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(STEP_DT))).to(tl.float64)
+        if SPD:
+            step = step + 1.0
         if LR_IS_TENSOR:
             lr_v = tl.load(lr_ptr).to(tl.float64)
         else:
@@ -176,11 +185,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduce(
-        partials, n_chunks, tensor_first_chunk, sums, n_tensors,
+        partials, n_chunks, tensor_first_chunk, sums, n_tensors, step_ptrs,
         fired_ptr, ratio_ptr, coef_ptr, dev_ptr, weight_decay: tl.float64,
-        DECIDE: tl.constexpr, RBLOCK: tl.constexpr, R_ITERS: tl.constexpr,
+        DECIDE: tl.constexpr, STEP_DT: tl.constexpr, RBLOCK: tl.constexpr,
+        R_ITERS: tl.constexpr,
     ):
         t = tl.program_id(0)
+        step_ptr = tl.load(step_ptrs + t).to(tl.pointer_type(STEP_DT))
+        tl.store(step_ptr, tl.load(step_ptr) + 1)  # after pass 1 has read it
         first = tl.load(tensor_first_chunk + t)
         last = tl.load(tensor_first_chunk + t + 1)
         s0 = tl.zeros((RBLOCK,), dtype=tl.float64)
@@ -274,27 +286,7 @@ class _Tables:
         self.first_chunk = self.device_table[k + 2]
         self.chunk_tensor = self.device_table[k + 3].to(torch.int32)[: len(chunk_tensor)]
         self.n_chunks = len(chunk_tensor)
-        self.max_chunks = max(counts)
-
-
-_TABLE_CACHE: OrderedDict[tuple, _Tables] = OrderedDict()
-_TABLE_CACHE_SIZE = 16
-
-
-def _tables(columns: list[list[Tensor | None]], device: torch.device) -> _Tables:
-    # Keyed by every address and size the table holds: a hit has identical contents.
-    addrs = [[0 if t is None else t.data_ptr() for t in col] for col in columns]
-    numels = [t.numel() for t in columns[0]]
-    key = (device, _BLOCK * _ITERS, tuple(map(tuple, addrs)), tuple(numels))
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return hit
-    tables = _Tables(addrs, numels, device)
-    _TABLE_CACHE[key] = tables
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return tables
+        self.r_iters = triton.next_power_of_2(-(-max(counts) // _REDUCE_BLOCK))
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -307,15 +299,159 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
-def _kernel_compatible(tensors: list[Tensor | None]) -> bool:
+def _kernel_compatible(tensors: list[Tensor | None], step: Tensor) -> bool:
     """All present tensors dense with one layout and a supported dtype: walkable as flat arrays."""
     present = [t for t in tensors if t is not None]
     first = present[0]
-    return _is_dense(first) and all(
-        t.dtype in _SUPPORTED_DTYPES and t.shape == first.shape and t.stride() == first.stride()
-        and t.device == first.device
-        for t in present
+    return (
+        _is_dense(first)
+        and step.device == first.device
+        and step.dtype in (torch.float32, torch.float64)
+        and all(
+            t.dtype in _SUPPORTED_DTYPES and t.shape == first.shape
+            and t.stride() == first.stride() and t.device == first.device
+            for t in present
+        )
     )
+
+
+class _Group:
+    """One launch set: tensors sharing dtypes, with their tables and persistent outputs."""
+
+    def __init__(self, idx: list[int], cols: list[list[Tensor | None]], steps: list[Tensor],
+                 *, spd: bool, amsgrad: bool, maximize: bool) -> None:
+        params, grads, exp_avgs, _, _, anchors = cols
+        device = params[0].device
+        self.idx, self.device, self.n = idx, device, len(idx)
+        self.steps = steps  # only read for spd=False (a foreach increment)
+        addrs = [[0 if t is None else t.data_ptr() for t in col] for col in (*cols, steps)]
+        self.tables = _Tables(addrs, [t.numel() for t in params], device)
+        has_anchor = spd and anchors[0] is not None
+        p_dt = _TL_DTYPES[params[0].dtype]
+        wide = torch.float64 in (params[0].dtype, exp_avgs[0].dtype)
+        self.meta = dict(
+            P_DT=p_dt, G_DT=_TL_DTYPES[grads[0].dtype], S_DT=_TL_DTYPES[exp_avgs[0].dtype],
+            A_DT=_TL_DTYPES[anchors[0].dtype] if has_anchor else p_dt,
+            C_DT=tl.float64 if wide else tl.float32, SPD=spd, HAS_ANCHOR=has_anchor,
+            AMSGRAD=amsgrad, MAXIMIZE=maximize, STEP_DT=_TL_DTYPES[steps[0].dtype],
+        )
+        n, chunks = self.n, self.tables.n_chunks
+        # Persistent buffers: no allocation per step, and stable addresses for CUDA graphs.
+        self.partials = torch.empty(3 * chunks if spd else 1, dtype=torch.float64, device=device)
+        self.sums = torch.empty(3, n, dtype=torch.float64, device=device)
+        self.fired = torch.empty(n, dtype=torch.bool, device=device)
+        self.ratio, self.coef, self.dev = torch.empty(3, n, dtype=torch.float64, device=device)
+        self.stats = (self.fired.unbind(), self.ratio.unbind(), self.dev.unbind())
+
+    def launch(self, lr: float | Tensor, *, sharded: bool, params: list[Tensor],
+               beta1: float, beta2: float, weight_decay: float, eps: float):
+        t, meta = self.tables, self.meta
+        p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, a_ptrs, step_ptrs = t.columns
+        spd = meta["SPD"]
+        if not spd:
+            torch._foreach_add_(self.steps, 1)
+        lr_is_tensor = isinstance(lr, Tensor) and lr.device == self.device
+        _pass1[(t.n_chunks,)](
+            p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, a_ptrs, step_ptrs, t.numels,
+            t.chunk_tensor, t.chunk_start, self.partials, t.n_chunks,
+            lr if lr_is_tensor else step_ptrs,  # step_ptrs: a dummy the kernel never reads
+            0.0 if lr_is_tensor else float(lr),  # a CPU tensor lr is read on the host
+            beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
+            **meta, LR_IS_TENSOR=lr_is_tensor, BLOCK=_BLOCK, ITERS=_ITERS, INTERPRET=_INTERPRET,
+            num_warps=_NUM_WARPS,
+        )
+        if not spd:
+            return None
+        decide = FUSED_DECISION and not sharded
+        _reduce[(self.n,)](
+            self.partials, t.n_chunks, t.first_chunk, self.sums, self.n, step_ptrs,
+            self.fired, self.ratio, self.coef, self.dev, weight_decay, DECIDE=decide,
+            STEP_DT=meta["STEP_DT"], RBLOCK=_REDUCE_BLOCK, R_ITERS=t.r_iters,
+        )
+        coef, stats = self.coef, self.stats
+        if not decide:  # whole-tensor sums over the shard group, then the shared decision
+            sums = reduce_partial_sums(self.sums, [params[i] for i in self.idx])
+            fired, ratio, coef = spd_ratio(
+                sums[0], sums[1], sums[1] + sums[2], weight_decay, growth=sums[2]
+            )
+            coef = coef.contiguous()
+            stats = (fired.unbind(), ratio.unbind(), sums[1].clamp_min(0).sqrt().unbind())
+        _pass2[(t.n_chunks,)](
+            p_ptrs, a_ptrs, t.numels, t.chunk_tensor, t.chunk_start, coef,
+            P_DT=meta["P_DT"], A_DT=meta["A_DT"], C_DT=meta["C_DT"],
+            HAS_ANCHOR=meta["HAS_ANCHOR"], BLOCK=_BLOCK, ITERS=_ITERS, num_warps=_NUM_WARPS,
+        )
+        return stats
+
+
+class _Plan:
+    """Everything about a step that depends only on which tensors are stepped, not their values."""
+
+    def __init__(self, cols: list[list[Tensor | None]], state_steps: list[Tensor], *,
+                 spd: bool, amsgrad: bool, maximize: bool) -> None:
+        # Flat local views (complex as real pairs, DTensors as their local shards).
+        local = [[None if x is None else to_local(x) for x in _as_real(list(col))] for col in cols]
+        groups: dict[tuple, list[int]] = {}
+        self.fallback: list[int] = []
+        for i, step in enumerate(state_steps):
+            row = [col[i] for col in local]
+            if not _kernel_compatible(row, step):
+                self.fallback.append(i)
+                continue
+            key = (*(None if x is None else x.dtype for x in row), row[0].device, step.dtype)
+            groups.setdefault(key, []).append(i)
+        self.groups = [
+            _Group(idx, [[col[i] for i in idx] for col in local], [state_steps[i] for i in idx],
+                   spd=spd, amsgrad=amsgrad, maximize=maximize)
+            for idx in groups.values()
+        ]
+        self.n = len(state_steps)
+        self.simple = not self.fallback and len(self.groups) == 1  # stats in the input order
+        self._refs: list[weakref.ref] = []
+
+
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+_PLAN_CACHE_SIZE = 8
+_dtype = attrgetter("dtype")
+
+
+def _plan_key(cols: list[list[Tensor | None]], state_steps: list[Tensor], flags: tuple) -> tuple:
+    """Cheap per-step identity of a plan (C-level maps, no per-tensor Python).
+
+    Parameters and gradients by address, dtype and contiguity (autograd re-allocates gradients,
+    and frameworks swap parameter storage); optimizer-owned state by object identity, kept
+    unambiguous by weak references that drop the plan when a state tensor dies.
+    """
+    params, grads, exp_avgs, exp_avg_sqs, max_sqs, anchors = cols
+    return (
+        flags, _BLOCK * _ITERS,
+        tuple(map(Tensor.data_ptr, params)), tuple(map(Tensor.data_ptr, grads)),
+        tuple(map(_dtype, params)), tuple(map(_dtype, grads)),
+        tuple(map(Tensor.is_contiguous, params)), tuple(map(Tensor.is_contiguous, grads)),
+        tuple(map(Tensor.numel, params)),
+        tuple(map(id, exp_avgs)), tuple(map(id, exp_avg_sqs)), tuple(map(id, max_sqs)),
+        tuple(map(id, anchors)), tuple(map(id, state_steps)),
+    )
+
+
+def _get_plan(cols, state_steps, *, sharded: bool, spd: bool, amsgrad: bool, maximize: bool) -> _Plan:
+    flags = dict(spd=spd, amsgrad=amsgrad, maximize=maximize)
+    key_cols = cols
+    if sharded:  # DTensors have no data_ptr: key on the local shards' addresses
+        key_cols = [[to_local(t) for t in cols[0]], [to_local(t) for t in cols[1]], *cols[2:]]
+    key = _plan_key(key_cols, state_steps, (spd, amsgrad, maximize))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    plan = _Plan(cols, state_steps, **flags)
+    drop = lambda _ref, key=key: _PLANS.pop(key, None)  # noqa: E731
+    state = [*cols[2], *cols[3], *cols[4], *cols[5], *state_steps]
+    plan._refs = [weakref.ref(t, drop) for t in state if t is not None]
+    _PLANS[key] = plan
+    if len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
 
 
 def triton_adam_spd(
@@ -337,7 +473,12 @@ def triton_adam_spd(
     spd: bool,
     capturable: bool = False,
 ) -> SPDStepStats | None:
-    """Triton AdamSPD with the shared functional signature (see DEVELOPERS.md)."""
+    """Triton AdamSPD with the shared functional signature (see DEVELOPERS.md).
+
+    Always capturable: step counts and a device ``lr`` are read by the kernels. The returned
+    statistics live in buffers that the next step with the same tensors overwrites (read or
+    copy them before then; ``AdamSPD.spd_stats()`` copies).
+    """
     if not HAS_TRITON:
         raise RuntimeError("AdamSPD(fused=True) on this device needs Triton: pip install triton")
     return _triton_adam_spd(
@@ -369,123 +510,35 @@ def _triton_adam_spd(
     n = len(params)
     if n == 0:
         return SPDStepStats([], [], []) if spd else None
-    if not spd:
-        anchors = [None] * n
-    if not amsgrad:
-        max_exp_avg_sqs = [None] * n
-    hyper = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
-                 eps=eps, maximize=maximize, spd=spd)
-
-    # Flat local views (complex as real pairs, DTensors as their local shards).
-    cols = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors]
-    local = [[None if x is None else to_local(x) for x in _as_real(list(col))] for col in cols]
-
-    groups: dict[tuple, list[int]] = {}
-    fallback: list[int] = []
-    for i in range(n):
-        row = [col[i] for col in local]
-        step = state_steps[i]
-        if not _kernel_compatible(row) or step.device != row[0].device or step.dtype not in (
-            torch.float32, torch.float64
-        ):
-            fallback.append(i)
-            continue
-        key = (*(None if x is None else x.dtype for x in row), row[0].device, step.dtype)
-        groups.setdefault(key, []).append(i)
+    none = [None] * n
+    cols = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else none,
+            anchors if spd else none]
+    sharded = any(map(is_dtensor, params))
+    plan = _get_plan(cols, state_steps, sharded=sharded, spd=spd, amsgrad=amsgrad,
+                     maximize=maximize)
+    hyper = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
 
     results: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-    if fallback:  # odd layouts or dtypes: the reference path, per tensor
+    if plan.fallback:  # odd layouts or dtypes: the reference path, per tensor
+        pick = lambda xs: [xs[i] for i in plan.fallback]  # noqa: E731
         out = _single_tensor_adam_spd(
-            [params[i] for i in fallback], [grads[i] for i in fallback],
-            [exp_avgs[i] for i in fallback], [exp_avg_sqs[i] for i in fallback],
-            [max_exp_avg_sqs[i] for i in fallback] if amsgrad else [],
-            [state_steps[i] for i in fallback], [anchors[i] for i in fallback], **hyper,
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+            pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), pick(cols[5]),
+            amsgrad=amsgrad, lr=lr, maximize=maximize, spd=spd, **hyper,
         )
         if out is not None:
-            for j, i in enumerate(fallback):
-                results[i] = (out.fired[j], out.ratio[j], out.deviation[j])
-
-    sharded = any(is_dtensor(p) for p in params)
-    for idx in groups.values():
-        out = _launch_group(
-            [[col[i] for i in idx] for col in local], [state_steps[i] for i in idx],
-            [params[i] for i in idx], sharded=sharded, **hyper,
-        )
-        if out is not None:
-            for j, i in enumerate(idx):
-                results[i] = (out[0][j], out[1][j], out[2][j])
+            results.update(zip(plan.fallback, zip(*out, strict=True), strict=True))
+    outs = [
+g.launch(lr, sharded=sharded, params=params, **hyper) for g in plan.groups
+    ]
     if not spd:
         return None
+    if plan.simple:
+        return SPDStepStats(*(list(col) for col in outs[0]))
+    for g, out in zip(plan.groups, outs, strict=True):
+        results.update(zip(g.idx, zip(*out, strict=True), strict=True))
     ordered = [results[i] for i in range(n)]
     return SPDStepStats(*(list(col) for col in zip(*ordered, strict=True)))
-
-
-def _launch_group(
-    cols: list[list[Tensor | None]],
-    steps: list[Tensor],
-    logical_params: list[Tensor],
-    *,
-    sharded: bool,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    spd: bool,
-) -> tuple[Any, Any, Any] | None:
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, anchors = cols
-    device = params[0].device
-    n = len(params)
-    torch._foreach_add_(steps, 1)
-    has_anchor = spd and anchors[0] is not None
-    tables = _tables([params, grads, exp_avgs, exp_avg_sqs, max_sqs, anchors, steps], device)
-    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, a_ptrs, step_ptrs = tables.columns
-
-    lr_is_tensor = isinstance(lr, Tensor) and lr.device == device
-    lr_ptr = lr if lr_is_tensor else step_ptrs  # step_ptrs: a dummy the kernel never reads
-    lr_value = float(lr) if not lr_is_tensor else 0.0  # a CPU tensor lr is read on the host
-    wide = torch.float64 in (params[0].dtype, exp_avgs[0].dtype)
-    compute = tl.float64 if wide else tl.float32
-    p_dt = _TL_DTYPES[params[0].dtype]
-    a_dt = _TL_DTYPES[anchors[0].dtype] if has_anchor else p_dt
-    partials = torch.empty(3 * tables.n_chunks if spd else 1, dtype=torch.float64, device=device)
-
-    _pass1[(tables.n_chunks,)](
-        p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, a_ptrs, step_ptrs, tables.numels,
-        tables.chunk_tensor, tables.chunk_start, partials, tables.n_chunks,
-        lr_ptr, lr_value, beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
-        P_DT=p_dt, G_DT=_TL_DTYPES[grads[0].dtype], S_DT=_TL_DTYPES[exp_avgs[0].dtype],
-        A_DT=a_dt, C_DT=compute, SPD=spd, HAS_ANCHOR=has_anchor, AMSGRAD=amsgrad,
-        MAXIMIZE=maximize, LR_IS_TENSOR=lr_is_tensor, STEP_DT=_TL_DTYPES[steps[0].dtype],
-        BLOCK=_BLOCK, ITERS=_ITERS,
-        INTERPRET=_INTERPRET, num_warps=_NUM_WARPS,
-    )
-    if not spd:
-        return None
-
-    sums = torch.empty(3, n, dtype=torch.float64, device=device)
-    decide = FUSED_DECISION and not sharded
-    fired = torch.empty(n, dtype=torch.bool, device=device)
-    ratio, coef, dev = torch.empty(3, n, dtype=torch.float64, device=device).unbind()
-    _reduce[(n,)](
-        partials, tables.n_chunks, tables.first_chunk, sums, n,
-        fired, ratio, coef, dev, weight_decay, DECIDE=decide, RBLOCK=_REDUCE_BLOCK,
-        R_ITERS=triton.next_power_of_2(-(-tables.max_chunks // _REDUCE_BLOCK)),
-    )
-    if not decide:  # whole-tensor sums over the shard group, then the shared decision
-        sums = reduce_partial_sums(sums, logical_params)
-        fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[1] + sums[2], weight_decay)
-        dev = sums[1].clamp_min(0).sqrt()
-        coef = coef.contiguous()
-
-    _pass2[(tables.n_chunks,)](
-        p_ptrs, a_ptrs, tables.numels, tables.chunk_tensor, tables.chunk_start, coef,
-        P_DT=p_dt, A_DT=a_dt, C_DT=compute, HAS_ANCHOR=has_anchor, BLOCK=_BLOCK,
-        ITERS=_ITERS, num_warps=_NUM_WARPS,
-    )
-    return fired.unbind(), ratio.unbind(), dev.unbind()
 
 
 def _log2(beta: float) -> float:
