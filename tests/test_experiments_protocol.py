@@ -33,6 +33,9 @@ def test_parse_sweeps_global_and_per_optimizer():
     out = parse_sweeps(["weight_decay=0.5,1,2", "adamw.weight_decay=0,0.01,0.1"], OPTS)
     assert out == {"adamw": {"weight_decay": [0.0, 0.01, 0.1]}, "l2sp": {"weight_decay": [0.5, 1.0, 2.0]},
                    "adamspd": {"weight_decay": [0.5, 1.0, 2.0]}}
+    from spdecay.experiments.protocol import SWEEP_GRIDS
+
+    assert parse_sweeps(["default"], OPTS) == {n: {"weight_decay": SWEEP_GRIDS[n]} for n in OPTS}
     with pytest.raises(RunnerError, match="unknown hyper-parameter 'momentum'"):
         parse_sweeps(["momentum=0.9"], OPTS)
     with pytest.raises(RunnerError, match="'sgdspd' is not among --optimizers"):
@@ -95,6 +98,7 @@ def test_comparison_table_mean_and_std():
     assert "0.750 ± 0.071" in balanced
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_accuracy_and_balanced_accuracy_match_sklearn():
     metrics_mod = pytest.importorskip("sklearn.metrics")
     gen = torch.Generator().manual_seed(0)

@@ -39,7 +39,7 @@ def compare(
     epochs: Annotated[float | None, typer.Option(help="Training epochs per run (default: the task's, 1).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Training batch size (default 32; 16 with --quick).")] = None,
     seeds: Annotated[int, typer.Option(help="Number of seeds (0..N-1) per optimizer and sweep point.")] = 1,
-    sweep: Annotated[list[str] | None, typer.Option(help="Hyper-parameter grid, repeatable: weight_decay=0.5,1,2 (all optimizers) or adamspd.weight_decay=0.5,1; also lr=... . Per method the best ID validation accuracy wins; all methods need grids of the same size.")] = None,
+    sweep: Annotated[list[str] | None, typer.Option(help="Hyper-parameter grid, repeatable: weight_decay=0.5,1,2 (all optimizers), adamspd.weight_decay=0.5,1 (one), lr=..., or 'default' (2 strengths per method). Per method the best ID validation accuracy wins; all methods need grids of the same size.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<task>-<timestamp>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its results and last checkpoint (uses its stored config).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny smoke run: small subsets, short sequences, 6 steps (under 2 minutes on 2 CPU cores).")] = False,
@@ -61,8 +61,9 @@ def compare(
 ) -> None:
     """Fine-tune with each optimizer and seed, evaluate ID and OOD, write results, report and plots.
 
-    With no options: the `sentiment` task, AdamW vs Adam L2-SP vs AdamSPD, one seed, a
-    2-point strength sweep per method (about 10-15 minutes on 2 CPU cores).
+    With no options: the `sentiment` task, AdamW vs Adam L2-SP vs AdamSPD, one seed, one
+    regularisation strength per method (about 5-10 minutes on 2 CPU cores). `--sweep default`
+    tunes each method's strength over 2 values by ID validation accuracy (twice the time).
     """
     try:
         from spdecay.experiments.cli_config import config_from_options

@@ -5,14 +5,18 @@ evaluates in-distribution and on shifted data. Everything heavy (transformers, m
 pandas) is imported lazily inside the modules that need it, so importing this package is cheap.
 """
 
+from pathlib import Path
+from typing import Any
+
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError
 
 __all__ = ["CompareConfig", "RunnerError", "run_compare"]
 
 
-def run_compare(config: CompareConfig, **kwargs):  # noqa: ANN201 - re-export, typed in runner
-    """Run the comparison described by ``config``; see :func:`spdecay.experiments.runner.run_compare`."""
+def run_compare(config: CompareConfig, out: Path | None = None, **kwargs: Any) -> Path:
+    """Run (or with ``resume=True`` continue) the comparison described by ``config`` in ``out``;
+    see :func:`spdecay.experiments.runner.run_compare`. Imports the heavy parts on first call."""
     from spdecay.experiments.runner import run_compare as _run
 
-    return _run(config, **kwargs)
+    return _run(config, out, **kwargs)

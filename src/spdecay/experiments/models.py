@@ -214,7 +214,10 @@ def load_hf_text(path: str, num_labels: int, max_length: int, device, lora_rank:
         raise RunnerError(
             f"{option} {path}: not a Hugging Face sequence-classification model ({_first_line(exc)})"
         ) from exc
-    model.config.pad_token_id = model.config.pad_token_id or tokenizer.pad_token_id
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2 style) have no pad
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # their heads find the last real token
     return TextModel(model, tokenizer, max_length, _head_modules(model, info), device, lora_rank)
 
 

@@ -46,6 +46,13 @@ def short_name(name: str) -> str:
     return name
 
 
+def _matrices(record: dict) -> list[int]:
+    """Indices of weight matrices / kernels: biases and norm scales alternate with them and
+    would turn the per-layer curves into a saw-tooth (they stay in results.jsonl)."""
+    layers = record["layers"]
+    return [i for i, d in enumerate(layers.get("ndim", [2] * len(layers["names"]))) if d >= 2]
+
+
 def _chosen_first_seed(records: list[dict]) -> dict[str, dict]:
     return {name: min(c["records"], key=lambda r: r["seed"]) for name, c in select(records).items()}
 
@@ -87,14 +94,15 @@ def plot_layer_deviation(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names: list[str] = []
     for name, r in chosen.items():
-        layers = r["layers"]
-        names = layers["names"] or names
+        keep = _matrices(r)
+        names = [r["layers"]["names"][i] for i in keep] or names
+        relative = [r["layers"]["relative"][i] for i in keep]
         emphasis = name in ("adamw", "adamspd")
-        ax.plot(range(len(layers["relative"])), layers["relative"], color=COLORS.get(name, "gray"),
+        ax.plot(range(len(relative)), relative, color=COLORS.get(name, "gray"),
                 lw=1.4 if emphasis else 0.9, alpha=1.0 if emphasis else 0.6,
                 label=f"{LABELS.get(name, name)}: total ‖θ−θ₀‖ = {r['deviation']['total']:.2f}")
     ax.set_yscale("log")
-    ax.set_ylabel("‖θ−θ₀‖ / ‖θ₀‖ per layer")
+    ax.set_ylabel("‖θ−θ₀‖ / ‖θ₀‖ per weight matrix")
     ax.set_title("Distance of each layer from the pre-trained weights (chosen setting, first seed)", fontsize=9)
     _layer_axis(ax, names)
     ax.grid(alpha=0.3, which="both")
@@ -112,15 +120,17 @@ def plot_spd_fired(records: list[dict], path: Path) -> None:
     names: list[str] = []
     width = 0.8 / max(1, len(chosen))
     for k, (name, r) in enumerate(chosen.items()):
-        names = r["spd"]["layer_names"]
-        frac = r["spd"]["layer_fired_fraction"]
+        ndim = dict(zip(r["layers"]["names"], r["layers"]["ndim"]))
+        keep = [i for i, n in enumerate(r["spd"]["layer_names"]) if ndim.get(n, 2) >= 2]
+        names = [r["spd"]["layer_names"][i] for i in keep]
+        frac = [r["spd"]["layer_fired_fraction"][i] for i in keep]
         ax.bar([i + k * width for i in range(len(frac))], frac, width=width, color=COLORS.get(name, "gray"),
                label=f"{LABELS.get(name, name)} (wd {r['hparams']['weight_decay']:g}): "
                      f"mean {r['spd']['fraction_fired']:.2f}")
     if chosen:
         ax.set_ylim(0, 1)
         ax.set_ylabel("fraction of steps SPD fired")
-        ax.set_title("Selective: how often each layer's SPD condition ⟨g, θ−θ₀⟩ > 0 held", fontsize=9)
+        ax.set_title("Selective: how often SPD's condition ⟨g, θ−θ₀⟩ > 0 held, per weight matrix", fontsize=9)
         _layer_axis(ax, names)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)

@@ -16,6 +16,14 @@ from spdecay.experiments.config import OPTIMIZERS, CompareConfig
 from spdecay.experiments.errors import RunnerError
 
 SWEEPABLE = ("weight_decay", "lr")
+# `--sweep default`: two strengths per method around each one's usual value (AdamW decoupled
+# decay, L2-SP penalty weight, SPD projection strength).
+SWEEP_GRIDS: dict[str, list[float]] = {
+    "adamw": [0.01, 0.1],
+    "l2sp": [0.1, 1.0],
+    "adamspd": [0.5, 1.0],
+    "sgdspd": [0.5, 1.0],
+}
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,14 @@ def _floats(option: str, text: str) -> list[float]:
 
 
 def parse_sweeps(items: list[str], optimizers: list[str]) -> dict[str, dict[str, list[float]]]:
-    """``weight_decay=0.5,1,2`` (every optimizer) or ``adamspd.weight_decay=0.5,1`` (one)."""
+    """``weight_decay=0.5,1,2`` (every optimizer), ``adamspd.weight_decay=0.5,1`` (one), or
+    ``default`` (:data:`SWEEP_GRIDS`)."""
     out: dict[str, dict[str, list[float]]] = {}
     for item in items:
+        if item.strip() == "default":
+            for name in optimizers:
+                out.setdefault(name, {})["weight_decay"] = list(SWEEP_GRIDS[name])
+            continue
         match = re.fullmatch(r"\s*(?:(\w+)\.)?(\w+)\s*=\s*(.+)", item)
         if not match:
             raise RunnerError(f"--sweep {item!r}: expected NAME=V1,V2,... (e.g. weight_decay=0.5,1,2)")

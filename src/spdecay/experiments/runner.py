@@ -30,6 +30,7 @@ def prepare_out_dir(config: CompareConfig, out: Path | None, resume: bool) -> tu
         stored = out / "config.json"
         if not stored.is_file():
             raise RunnerError(f"--resume: {stored} not found; nothing to resume in --out {out}")
+        # The stored config fixes the plan: other options given with --resume are not applied.
         return CompareConfig.load(stored), out
     out = out or default_out_dir(config.task)
     if (out / "results.jsonl").exists():
@@ -56,12 +57,10 @@ def run_compare(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> Path:
     """Run (or continue) a comparison; returns the output folder."""
-    from spdecay.experiments.tasks import DEFAULT_GRIDS
-
     config, out = prepare_out_dir(config, out, resume)
     d = task_defaults(config)
     default_lr = {n: (d.lr_sgd if n == "sgdspd" else d.lr_adam) for n in ("adamw", "l2sp", "adamspd", "sgdspd")}
-    specs = plan(config, d.grids or DEFAULT_GRIDS, default_lr)
+    specs = plan(config, d.grids, default_lr)
     device = resolve_device(config.device)
     set_threads(device)
 

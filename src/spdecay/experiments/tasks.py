@@ -11,14 +11,10 @@ from spdecay.experiments.data import TaskData
 from spdecay.experiments.errors import RunnerError
 from spdecay.experiments.models import TaskModel
 
-# Regularisation strength grids per optimizer (the `weight_decay` hyper-parameter of each):
-# AdamW's decoupled decay, L2-SP's penalty weight, SPD's projection strength lambda.
-DEFAULT_GRIDS: dict[str, list[float]] = {
-    "adamw": [0.01, 0.1],
-    "l2sp": [0.1, 1.0],
-    "adamspd": [0.5, 1.0],
-    "sgdspd": [0.5, 1.0],
-}
+# One regularisation strength per optimizer unless --sweep says otherwise: AdamW's usual
+# decoupled decay, a mild L2-SP penalty, SPD's full projection (lambda = 1). The 2-point grids
+# of `--sweep default` are in protocol.SWEEP_GRIDS.
+SINGLE = {"adamw": [0.01], "l2sp": [0.1], "adamspd": [1.0], "sgdspd": [1.0]}
 
 
 @dataclass(frozen=True)
@@ -36,21 +32,19 @@ class TaskDefaults:
     image_size: int = 64
     eval_batch_size: int = 256
     checkpoint_every: int = 50
-    grids: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_GRIDS))
+    grids: dict[str, list[float]] = field(default_factory=lambda: dict(SINGLE))
 
 
 TASK_DEFAULTS = {
-    # 2,000 snippets x 1 epoch: ~60 s of training per run on 2 CPU cores.
+    # 2,000 snippets x 1 epoch (62 steps of 32) per run: the default's 3 runs take ~5-10 min on 2 CPU cores.
     "sentiment": TaskDefaults(2000, 500, 1000, 2000, 32, 1.0, None, 1e-4, 2e-2),
     "digits": TaskDefaults(3500, 500, 1000, None, 32, 1.0, None, 1e-3, 2e-2, image_size=64),
     "custom": TaskDefaults(None, 0, 0, None, 32, 1.0, None, 5e-5, 1e-2, image_size=224),
 }
-# --quick: one strength per method (the middle of the usual grid) to stay well under 2 minutes.
-QUICK_GRIDS = {"adamw": [0.01], "l2sp": [0.1], "adamspd": [1.0], "sgdspd": [1.0]}
 QUICK = {
-    "sentiment": TaskDefaults(96, 48, 48, 96, 16, None, 6, 1e-4, 2e-2, max_length=32, checkpoint_every=3, grids=QUICK_GRIDS),
-    "digits": TaskDefaults(128, 48, 48, 96, 16, None, 6, 1e-3, 2e-2, image_size=32, checkpoint_every=3, grids=QUICK_GRIDS),
-    "custom": TaskDefaults(128, 0, 0, 96, 16, None, 6, 5e-5, 1e-2, max_length=32, image_size=64, checkpoint_every=3, grids=QUICK_GRIDS),
+    "sentiment": TaskDefaults(96, 48, 48, 96, 16, None, 6, 1e-4, 2e-2, max_length=32, checkpoint_every=3),
+    "digits": TaskDefaults(128, 48, 48, 96, 16, None, 6, 1e-3, 2e-2, image_size=32, checkpoint_every=3),
+    "custom": TaskDefaults(128, 0, 0, 96, 16, None, 6, 5e-5, 1e-2, max_length=32, image_size=64, checkpoint_every=3),
 }
 
 

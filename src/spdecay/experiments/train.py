@@ -193,7 +193,7 @@ def _evaluate_all(model: nn.Module, data: TaskData, task_model: TaskModel, batch
 def _deviation(model: nn.Module, start: dict[str, torch.Tensor], task_model: TaskModel) -> dict:
     """||theta - theta0|| per layer and in total over the trained non-head parameters (theta0:
     the pre-trained weights; for LoRA the adapters' initial values)."""
-    names, dev, rel = [], [], []
+    names, dev, rel, ndim = [], [], [], []
     total_sq, ref_sq = 0.0, 0.0
     for name, p in model.named_parameters():
         if name not in start:
@@ -201,6 +201,7 @@ def _deviation(model: nn.Module, start: dict[str, torch.Tensor], task_model: Tas
         d = float((p.detach().double() - start[name].double()).norm())
         r = float(start[name].double().norm())
         names.append(name)
+        ndim.append(p.ndim)
         dev.append(d)
         rel.append(d / r if r > 0 else float("nan"))
         total_sq += d * d
@@ -208,7 +209,7 @@ def _deviation(model: nn.Module, start: dict[str, torch.Tensor], task_model: Tas
     total = math.sqrt(total_sq)
     return {
         "deviation": {"total": total, "relative": total / math.sqrt(ref_sq) if ref_sq > 0 else float("nan")},
-        "layers": {"names": names, "deviation": dev, "relative": rel},
+        "layers": {"names": names, "deviation": dev, "relative": rel, "ndim": ndim},
     }
 
 
