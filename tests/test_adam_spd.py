@@ -470,3 +470,26 @@ def test_ratio_is_accurate_for_small_steps_far_from_the_anchor(foreach):
     stats = opt.spd_stats()
     assert bool(stats.fired[0]) and expected > 0
     assert float(stats.ratio[0]) == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("foreach", PATHS)
+def test_bf16_params_with_fp32_moments_track_the_fp32_run(foreach):
+    shapes = [(8,), (70, 70)]  # flat (small) and sliced (large) layouts
+    fp32 = make_params(dtype=torch.float32, shapes=shapes)
+    bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in fp32]
+    ref = [p.detach().to(torch.bfloat16).float().requires_grad_() for p in fp32]
+    opt = AdamSPD(bf16, lr=1e-2, state_dtype=torch.float32, foreach=foreach)
+    opt_ref = AdamSPD(ref, lr=1e-2, foreach=foreach)
+    for step_grads in grad_stream(shapes, 10, dtype=torch.float32):
+        for p, q, g in zip(bf16, ref, step_grads):
+            p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+        opt.step()
+        opt_ref.step()
+    assert opt.state[bf16[1]]["exp_avg"].dtype == torch.float32
+    assert bf16[1].dtype == torch.bfloat16
+    for p, q in zip(bf16, ref):  # rounding to bf16 each step: within a few bf16 ulps
+        torch.testing.assert_close(p.float(), q, rtol=0.03, atol=0.03)
+    clone = [p.detach().clone().requires_grad_() for p in bf16]
+    opt2 = AdamSPD(clone, lr=1e-2, state_dtype=torch.float32)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[clone[1]]["exp_avg_sq"].dtype == torch.float32

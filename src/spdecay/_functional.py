@@ -127,6 +127,7 @@ def _single_tensor_adam_spd(
         elif weight_decay != 0:  # AdamW: decoupled decay before the Adam update
             param.mul_(1 - lr * weight_decay)
 
+        grad = grad.to(exp_avg.dtype)  # moments may be kept in a higher precision (state_dtype)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         if amsgrad:
@@ -304,8 +305,9 @@ def _foreach_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
     torch._foreach_add_(state_steps, 1)
     neg_step_size, bc2_sqrt = _adam_coefficients(torch.stack(state_steps), beta1=beta1,
                                                  beta2=beta2, lr=lr)
-    denom_scale = list((bc2_sqrt * neg_step_size).to(dtype).unbind())
-    denom_shift = list((eps / neg_step_size).to(dtype).unbind())
+    state_dtype = exp_avgs[0].dtype
+    denom_scale = list((bc2_sqrt * neg_step_size).to(state_dtype).unbind())
+    denom_shift = list((eps / neg_step_size).to(state_dtype).unbind())
     inner, dev_sq, growth = [], [], []
     for sl in _chunks(params_l):
         p, g, m, v = params_l[sl], grads_l[sl], exp_avgs[sl], exp_avg_sqs[sl]
@@ -317,6 +319,8 @@ def _foreach_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
             inner += _foreach_sum_of_products(g, devs)
         elif weight_decay != 0:
             torch._foreach_mul_(p, 1 - lr * weight_decay)
+        if g[0].dtype != m[0].dtype:  # moments kept in a higher precision (state_dtype)
+            g = [x.to(m[0].dtype) for x in g]
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
@@ -384,8 +388,9 @@ def _sliced_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
     torch._foreach_add_(state_steps, 1)
     neg_step_size, bc2_sqrt = _adam_coefficients(torch.stack(state_steps), beta1=beta1,
                                                  beta2=beta2, lr=lr)
-    denom_scale = (bc2_sqrt * neg_step_size).to(dtype).unbind()
-    denom_shift = (eps / neg_step_size).to(dtype).unbind()
+    state_dtype = exp_avgs[0].dtype
+    denom_scale = (bc2_sqrt * neg_step_size).to(state_dtype).unbind()
+    denom_shift = (eps / neg_step_size).to(state_dtype).unbind()
     decay = 1 - lr * weight_decay
     sums = []
     for i, p_full in enumerate(params_l):
@@ -398,6 +403,7 @@ def _sliced_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
             p_s, g_s, m_s, v_s = p[sl], g[sl], m[sl], v[sl]
             if maximize:
                 g_s = -g_s
+            g_s = g_s.to(m_s.dtype)  # no-op unless moments are kept in a higher precision
             if spd:
                 d = p_s if a is None else p_s - a[sl]
                 parts += [_dot(g_s, d), _dot(d, d)]
@@ -450,7 +456,9 @@ def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> Tensor:
 def _flat_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
                  *, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, spd):
     """Adam for many small tensors at once, gathered into flat vectors; sums [3, n]."""
-    device, dtype, n = params[0].device, params[0].dtype, len(params)
+    device, n = params[0].device, len(params)
+    # computed in the wider of the parameter and moment dtypes; copied back with a cast
+    dtype = torch.promote_types(params[0].dtype, exp_avgs[0].dtype)
     sizes = [p.numel() for p in params]
     segment = _segment_ids(tuple(sizes), device)
 

@@ -43,6 +43,9 @@ class AdamSPD(Optimizer):
         capturable: keep step counts on the device so the step can be captured in a CUDA graph.
         anchor: default anchor mode for all groups.
         anchor_dtype: store anchors in this dtype (e.g. ``torch.bfloat16`` halves their memory).
+        state_dtype: store the Adam moments in this dtype, e.g. ``torch.float32`` for bf16/fp16
+            parameters (mixed precision without master weights: the update is computed in the
+            wider dtype and rounded once into the parameter).
     """
 
     def __init__(
@@ -60,10 +63,12 @@ class AdamSPD(Optimizer):
         capturable: bool = False,
         anchor: str | Sequence[Tensor] = "init",
         anchor_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         _check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        if anchor_dtype is not None and not isinstance(anchor_dtype, torch.dtype):
-            raise TypeError(f"AdamSPD: anchor_dtype must be a torch.dtype, got {anchor_dtype!r}")
+        for name, value in (("anchor_dtype", anchor_dtype), ("state_dtype", state_dtype)):
+            if value is not None and not isinstance(value, torch.dtype):
+                raise TypeError(f"AdamSPD: {name} must be a torch.dtype, got {value!r}")
         if not isinstance(anchor, str):  # tensors for a single group of parameters
             params = [{"params": list(params), "anchor": list(anchor)}]
             anchor = "init"
@@ -84,6 +89,7 @@ class AdamSPD(Optimizer):
             spd=True,
             anchor=anchor,
             anchor_dtype=anchor_dtype,
+            state_dtype=state_dtype,
         )
         self._spd_last: dict[Tensor, tuple[Tensor, Tensor, Tensor]] = {}
         super().__init__(params, defaults)
@@ -130,7 +136,9 @@ class AdamSPD(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_spd_last", {})
         for group in self.param_groups:
-            for key, value in (("spd", True), ("anchor", "init"), ("anchor_dtype", None)):
+            for key, value in (
+                ("spd", True), ("anchor", "init"), ("anchor_dtype", None), ("state_dtype", None)
+            ):
                 group.setdefault(key, value)
             for key in ("maximize", "foreach", "fused", "capturable", "amsgrad"):
                 group.setdefault(key, False if key != "foreach" else None)
@@ -157,14 +165,15 @@ class AdamSPD(Optimizer):
                 raise RuntimeError("AdamSPD does not support sparse gradients")
             has_complex |= torch.is_complex(p)
             state = self.state[p]
+            moments = dict(memory_format=torch.preserve_format, dtype=group["state_dtype"])
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, **moments)
+                state["exp_avg_sq"] = torch.zeros_like(p, **moments)
             elif state["step"].device != p.device:  # e.g. a state_dict saved by torch's Adam
                 state["step"] = state["step"].to(p.device)
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = torch.zeros_like(p, **moments)
             if use_anchor and "anchor" not in state:
                 # Captured lazily, before the first update: the value the parameter has when
                 # the optimizer first steps it (robust to frameworks that swap parameters).
@@ -288,13 +297,14 @@ def _check_hyperparameters(**values: Any) -> None:
 
 
 def _restore_anchor_dtypes(optimizer: Optimizer) -> None:
-    # load_state_dict casts every floating state entry to the parameter's dtype; anchors kept in a
-    # lower precision (anchor_dtype) must be cast back.
+    # load_state_dict casts every floating state entry to the parameter's dtype; anchors and
+    # moments kept in another precision (anchor_dtype, state_dtype) must be cast back.
     for group in optimizer.param_groups:
-        dtype = group.get("anchor_dtype")
-        if dtype is None:
-            continue
+        wanted = {"anchor": group.get("anchor_dtype")}
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            wanted[key] = group.get("state_dtype")
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            if "anchor" in state:
-                state["anchor"] = state["anchor"].to(dtype)
+            for key, dtype in wanted.items():
+                if dtype is not None and key in state:
+                    state[key] = state[key].to(dtype)
