@@ -14,16 +14,21 @@ GB/s counts the bytes of the ideal algorithm (each tensor read or written once p
 AdamW 7 accesses per element (read p, g, m, v; write p, m, v); AdamSPD 8 in pass 1 (+ the anchor)
 plus 3 in pass 2 (read p, p0; write p) where it fires.
 
-    PYTHONPATH=src python benchmarks/gpu_step_time.py --models vit_b,vit_l,llama8
+    PYTHONPATH=src python benchmarks/gpu_step_time.py --models vit_b,vit_l,llama8 --mixed
+
+``--sweep`` also times other block / chunk / warp sizes; ``--decision-ablation`` the SPD decision
+taken by torch ops (spd_ratio) instead of inside the reduce kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -139,10 +144,15 @@ def graphed(step: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
     return graph.replay
 
 
-def copy_bandwidth() -> float:
-    """A large device-to-device copy: GB/s counting bytes read plus written."""
+def copy_bandwidth(spin_s: float = 3.0) -> float:
+    """A large device-to-device copy: GB/s counting bytes read plus written. Copies for
+    ``spin_s`` seconds first, so that the GPU's clocks have ramped up before anything is timed."""
     x = torch.empty(2**29, device="cuda")  # 2 GiB
     y = torch.empty_like(x)
+    start = time.perf_counter()
+    while time.perf_counter() - start < spin_s:
+        y.copy_(x)
+        torch.cuda.synchronize()
     ms = time_steps(lambda: y.copy_(x), 3, 10)
     return 2 * x.numel() * 4 / ms / 1e6
 
@@ -206,6 +216,57 @@ def run_model(key: str, args) -> list[dict]:
         _triton.FUSED_DECISION = True
     if not args.skip_if:
         bench("per-tensor if", "fire", lambda ps, a: PerTensorIfSPD(ps, a, lr=lr), 11)
+    if args.mixed:
+        rows += bench_mixed(name, key, shapes, numel, args)
+    return rows
+
+
+def bench_mixed(name: str, key: str, shapes, numel: int, args) -> list[dict]:
+    """bf16 parameters and gradients: AdamSPD with fp32 moments and bf16 anchors (functional
+    Triton path) against torch's fused AdamW on bf16 (bf16 moments). Bytes per element: SPD
+    2+2+4+4+2 read + 2+4+4 written in pass 1, 2+2+2 in pass 2 = 30; AdamW 7 x 2 = 14."""
+    from spdecay._triton import triton_adam_spd
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+    grads = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+    anchors = [(p.float() - torch.where(g.abs() > 1, g.float(), -1.5 * g.float().sign())).bfloat16()
+               for p, g in zip(params, grads, strict=True)]
+    m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    v = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    steps = [torch.zeros((), device="cuda") for _ in params]
+
+    spd_step = functools.partial(
+        triton_adam_spd, params, grads, m, v, [], steps, anchors, amsgrad=False, beta1=0.9,
+        beta2=0.999, lr=1e-4, weight_decay=1.0, eps=1e-8, maximize=False, spd=True)
+
+    from spdecay import _triton
+
+    default = (_triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS)
+    configs = [default] + ([(2048, 4, 4), (2048, 4, 8), (4096, 2, 8)] if args.sweep else [])
+    for cfg in configs:
+        _triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS = cfg
+        ms = time_steps(spd_step, args.warmup, args.iters)
+        label = "AdamSPD triton bf16 p, fp32 m/v" + ("" if cfg == default else f" B{cfg[0]} I{cfg[1]} W{cfg[2]}")
+        rows.append(dict(model=name, key=key, params_m=numel / 1e6, tensors=len(shapes),
+                         optimizer=label, scenario="fire", ms=ms,
+                         gbps=30 * numel / ms / 1e6, fired=None, ratio_pos=None))
+    _triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS = default
+    del spd_step, m, v, anchors, steps
+    leaves = [p.requires_grad_() for p in params]
+    for p, g in zip(leaves, grads, strict=True):
+        p.grad = g
+    opt = torch.optim.AdamW(leaves, lr=1e-4, fused=True)
+    ms2 = time_steps(opt.step, args.warmup, args.iters)
+    rows.append(dict(model=name, key=key, params_m=numel / 1e6, tensors=len(shapes),
+                     optimizer="AdamW fused bf16 p, bf16 m/v", scenario="-", ms=ms2,
+                     gbps=14 * numel / ms2 / 1e6, fired=None, ratio_pos=None))
+    for r in rows:
+        print(f"  {r['optimizer']:28s} {r['scenario']:5s} {r['ms']:8.3f} ms  {r['gbps']:7.0f} GB/s",
+              flush=True)
+    del opt, leaves, params, grads
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -231,11 +292,12 @@ def table(rows: list[dict], device: str, peak: float | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vit_b,vit_l,llama8")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--skip-if", action="store_true", help="skip the slow per-tensor `if` baseline")
     ap.add_argument("--decision-ablation", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also try other block/chunk/warp sizes")
+    ap.add_argument("--mixed", action="store_true", help="also bf16 params with fp32 moments")
     ap.add_argument("--block", type=int, default=None, help="override the kernel block size")
     ap.add_argument("--chunk-iters", type=int, default=None, help="override blocks per program")
     ap.add_argument("--warps", type=int, default=None, help="override warps per program")

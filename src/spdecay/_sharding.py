@@ -1,10 +1,22 @@
-"""Whole-tensor reductions for sharded parameters (DTensor under FSDP2).
+"""Whole-tensor reductions for sharded parameters (DTensor under FSDP2, TP, HSDP).
 
-SPD decides per *logical* tensor, so partial sums computed on local shards must be summed over
-the shard group before the decision. Plain tensors pass through untouched.
+SPD decides per *logical* tensor, so the per-tensor partial sums computed on local shards
+(<g, p - p0>, ||p - p0||^2, ||p_adam - p0||^2) must be summed over the ranks that hold the
+pieces of each tensor before the decision; otherwise each rank decides on its own shard and the
+ranks' copies of one layer follow different rules.
+
+:func:`reduce_partial_sums` does this with one all-reduce for all columns of a call in the usual
+cases (one 1-D mesh, or meshes that span the whole world): a column's local sum enters the
+collective with weight 1 on mesh dimensions where its tensor is sharded and only from mesh
+coordinate 0 on dimensions where it is replicated, so a single sum over all ranks counts every
+element exactly once. Plain tensors (and fully replicated DTensors) already hold the whole tensor
+and are not communicated. Everything stays on the device: no ``.item()``, no host sync.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,38 +26,139 @@ try:  # DTensor is public from torch 2.4 on
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
+__all__ = ["is_dtensor", "to_local", "reduce_partial_sums"]
+
 
 def is_dtensor(t: object) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
 def to_local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor, or the tensor itself."""
+    """The local shard of a DTensor (possibly empty, possibly uneven), or the tensor itself."""
     return t.to_local() if is_dtensor(t) else t
 
 
-def reduce_partial_sums(sums: Tensor, params: list[Tensor]) -> Tensor:
-    """Sum per-tensor partial sums (shape [k, n], one column per param) over the shard group."""
-    if not any(is_dtensor(p) for p in params):
-        return sums
-    return _all_reduce_over_shards(sums, params)
+def reduce_partial_sums(sums: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """Sum per-tensor partial sums over the ranks that hold the shards of each tensor.
 
-
-def _all_reduce_over_shards(sums: Tensor, params: list[Tensor]) -> Tensor:
-    import torch.distributed as dist
-    from torch.distributed.tensor import Shard
-
-    mesh = params[0].device_mesh
-    if any(not is_dtensor(p) or p.device_mesh != mesh for p in params):
-        raise ValueError("SPD: parameters of one group must all be DTensors on the same device mesh")
-    # Only the columns of parameters sharded over a mesh dimension need summing over it; a
-    # replicated parameter's local sums are already whole.
-    out = sums
-    for dim in range(mesh.ndim):
-        sharded = torch.tensor(
-            [isinstance(p.placements[dim], Shard) for p in params], device=sums.device
+    ``sums`` has shape ``[k, n]``: column ``j`` holds ``k`` additive quantities (sums of
+    elementwise products) computed on the local part of ``params[j]``. Returns a new ``[k, n]``
+    tensor in ``sums``' dtype where every DTensor column holds the whole-tensor value (identical on
+    all ranks); columns of plain tensors are returned as they are. Every rank of the mesh must
+    call this with the same parameters in the same order (SPMD), as FSDP2 guarantees.
+    """
+    if sums.dim() != 2 or sums.shape[1] != len(params):
+        raise ValueError(
+            f"reduce_partial_sums: sums must have shape [k, {len(params)}] (one column per "
+            f"parameter), got {tuple(sums.shape)}"
         )
-        reduced = out.clone()
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
-        out = torch.where(sharded, reduced, out)
-    return out
+    if not any(map(is_dtensor, params)):
+        return sums
+    plan = _plan(params, sums.device)
+    if plan is None:  # only fully replicated DTensors: every rank already has whole sums
+        return sums
+    return _reduce(sums, plan)
+
+
+class _Plan:
+    """How to reduce the columns of one layout (cached: the same every step)."""
+
+    __slots__ = ("steps", "local")
+
+    def __init__(self, steps: list[tuple[Any, Tensor, Tensor | None]], local: Tensor | None):
+        # Per collective: (process group, None for the default one; per-column weight [n];
+        # columns it updates, None for all).
+        self.steps = steps
+        # Columns whose local value is already whole (plain or fully replicated), or None.
+        self.local = local
+
+
+_PLAN_CACHE: dict[tuple, _Plan | None] = {}
+
+
+def _plan(params: Sequence[Tensor], device: torch.device) -> _Plan | None:
+    key = (device, tuple((p.device_mesh, p.placements) if is_dtensor(p) else None for p in params))
+    if key not in _PLAN_CACHE:
+        if len(_PLAN_CACHE) > 64:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = _build_plan(key[1], device)
+    return _PLAN_CACHE[key]
+
+
+def _is_shard(placement: Any) -> bool:
+    from torch.distributed.tensor import Replicate, Shard
+
+    if isinstance(placement, Shard):  # _StridedShard (FSDP2 + TP) is a Shard too
+        return True
+    if isinstance(placement, Replicate):
+        return False
+    # Partial: the local values *add up* to the tensor, so sums of products over them are not
+    # additive (||a + b||^2 != ||a||^2 + ||b||^2).
+    raise ValueError(
+        f"SPD: cannot reduce over a DTensor with placement {placement!r}; parameters must be "
+        "Shard or Replicate on every mesh dimension"
+    )
+
+
+def _build_plan(layout: tuple, device: torch.device) -> _Plan | None:
+    import torch.distributed as dist
+
+    whole = [e is None or not any(map(_is_shard, e[1])) for e in layout]
+    if all(whole):
+        return None
+
+    def vec(values: list[float] | list[bool]) -> Tensor:
+        dtype = torch.bool if isinstance(values[0], bool) else torch.float64
+        return torch.tensor(values, dtype=dtype, device=device)  # once per layout, not per step
+
+    meshes = list(dict.fromkeys(e[0] for e, w in zip(layout, whole) if not w))
+    steps: list[tuple[Any, Tensor, Tensor | None]] = []
+    if len(meshes) == 1 and meshes[0].ndim == 1:
+        # The common FSDP2 case: one 1-D mesh (its group may be a sub-group of the world).
+        if meshes[0].get_coordinate() is not None:
+            steps.append((meshes[0].get_group(0), vec([float(not w) for w in whole]), None))
+    elif all(m.size() == dist.get_world_size() for m in meshes):
+        # Meshes spanning the world (HSDP, FSDP + TP, several meshes): one collective over the
+        # default group. A column enters from every rank along its sharded mesh dimensions and
+        # from coordinate 0 only along its replicated ones, so each element counts once.
+        weight = []
+        for e, w in zip(layout, whole):
+            coord = None if w else e[0].get_coordinate()
+            keep = coord is not None and all(
+                _is_shard(pl) or c == 0 for pl, c in zip(e[1], coord)
+            )
+            weight.append(1.0 if keep else 0.0)
+        steps.append((None, vec(weight), None))
+    else:
+        # Sub-world multi-dimensional meshes (e.g. one per pipeline stage): one collective per
+        # mesh dimension that shards something, applied in sequence to the running sums.
+        for mesh in meshes:
+            coord = mesh.get_coordinate()
+            if coord is None:  # this rank holds no part of these tensors
+                continue
+            mine = [not w and e[0] == mesh for e, w in zip(layout, whole)]
+            for dim in range(mesh.ndim):
+                if mesh.size(dim) == 1 or not any(m and _is_shard(e[1][dim]) for m, e in zip(mine, layout)):
+                    continue
+                weight = [
+                    float(m and (_is_shard(e[1][dim]) or coord[dim] == 0))
+                    for m, e in zip(mine, layout)
+                ]
+                steps.append((mesh.get_group(dim), vec(weight), vec(mine)))
+    return _Plan(steps, vec(whole) if any(whole) else None)
+
+
+def _reduce(sums: Tensor, plan: _Plan) -> Tensor:
+    import torch.distributed as dist
+
+    # The collective runs in float64 (gloo and NCCL both support it); every rank receives the
+    # same bits, so every rank takes the same decision.
+    acc = sums.to(torch.float64)
+    out = acc
+    for group, weight, columns in plan.steps:
+        reduced = out * weight
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+        out = reduced if columns is None else torch.where(columns, reduced, out)
+    if plan.local is not None:
+        out = torch.where(plan.local, acc, out)
+    return out.to(sums.dtype)
