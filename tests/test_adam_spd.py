@@ -12,7 +12,13 @@ from reference import ReferenceAdamSPD
 from spdecay import AdamSPD
 
 SHAPES = [(), (5,), (4, 3), (2, 3, 2, 2)]
-PATHS = [pytest.param(False, id="single"), pytest.param(True, id="foreach")]
+PATHS = [pytest.param(False, id="single"), pytest.param(True, id="foreach"),
+         pytest.param("fused", id="fused")]
+
+
+def path(foreach):
+    """AdamSPD keyword arguments of a path in PATHS (the fused CPU kernel is built on first use)."""
+    return {"fused": True} if foreach == "fused" else {"foreach": foreach}
 
 
 @pytest.fixture(params=["flat", "chunked"], autouse=True)
@@ -55,7 +61,7 @@ def test_matches_float64_reference_and_condition_fires_both_ways(foreach, lam):
     params = make_params()
     grads = grad_stream(SHAPES, 40)
     ref = ReferenceAdamSPD(params, lr=0.05, weight_decay=lam)
-    opt = AdamSPD(params, lr=0.05, weight_decay=lam, foreach=foreach)
+    opt = AdamSPD(params, lr=0.05, weight_decay=lam, **path(foreach))
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -75,7 +81,7 @@ def test_reference_options_amsgrad_maximize_zero_anchor(foreach):
     grads = grad_stream(SHAPES, 25, seed=4)
     ref = ReferenceAdamSPD(params, lr=0.03, weight_decay=1.0, amsgrad=True, maximize=True,
                            anchors=[None] * len(params))
-    opt = AdamSPD(params, lr=0.03, amsgrad=True, maximize=True, anchor="zero", foreach=foreach)
+    opt = AdamSPD(params, lr=0.03, amsgrad=True, maximize=True, anchor="zero", **path(foreach))
     run(opt, params, grads)
     for step_grads in grads:
         ref.step(step_grads)
@@ -145,7 +151,7 @@ def test_lambda_zero_equals_torch_adam():
 def test_spd_false_group_equals_torch_adamw(foreach):
     params = make_params(dtype=torch.float32)
     mirror = [p.detach().clone().requires_grad_() for p in params]
-    opt = AdamSPD([{"params": params, "spd": False, "weight_decay": 0.05}], lr=0.01, foreach=foreach)
+    opt = AdamSPD([{"params": params, "spd": False, "weight_decay": 0.05}], lr=0.01, **path(foreach))
     adamw = torch.optim.AdamW(mirror, lr=0.01, weight_decay=0.05)
     grads = grad_stream(SHAPES, 25, dtype=torch.float32)
     run(opt, params, grads)
@@ -160,7 +166,7 @@ def test_spd_false_group_equals_torch_adamw(foreach):
 def test_lambda_one_fired_layer_never_drifts_further(foreach):
     params = make_params()
     anchors = [p.detach().clone() for p in params]
-    opt = AdamSPD(params, lr=0.1, weight_decay=1.0, foreach=foreach)
+    opt = AdamSPD(params, lr=0.1, weight_decay=1.0, **path(foreach))
     fired_seen = 0
     for step_grads in grad_stream(SHAPES, 40, seed=11):
         before = [(p.detach() - a).norm() for p, a in zip(params, anchors)]
@@ -229,7 +235,7 @@ def test_no_step_without_grads():
 @pytest.mark.parametrize("foreach", PATHS)
 def test_gradients_not_modified(foreach):
     params = make_params()
-    opt = AdamSPD(params, lr=0.1, maximize=True, foreach=foreach)
+    opt = AdamSPD(params, lr=0.1, maximize=True, **path(foreach))
     for step_grads in grad_stream(SHAPES, 5):
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -243,8 +249,8 @@ def test_complex_equals_view_as_real(foreach):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 4, dtype=torch.complex128, generator=g).requires_grad_()
     r = torch.view_as_real(z.detach()).clone().requires_grad_()
-    oz = AdamSPD([z], lr=0.05, foreach=foreach)
-    orr = AdamSPD([r], lr=0.05, foreach=foreach)
+    oz = AdamSPD([z], lr=0.05, **path(foreach))
+    orr = AdamSPD([r], lr=0.05, **path(foreach))
     fired = []
     for t in range(20):
         grad = torch.randn(3, 4, dtype=torch.complex128, generator=g) + (0.8 if t % 6 < 3 else -0.8)
@@ -256,6 +262,26 @@ def test_complex_equals_view_as_real(foreach):
         assert bool(oz.spd_stats().fired[0]) == fired[-1]
     torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-12, atol=1e-14)
     assert any(fired)
+
+
+@pytest.mark.parametrize("foreach", PATHS)
+def test_complex_with_wider_state_and_bf16_anchor_option_equals_view_as_real(foreach):
+    """state_dtype=float64 gives complex128 moments (not real ones of the wrong shape); bfloat16
+    has no complex type, so a complex parameter's anchor stays in its own dtype."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(70, 70, dtype=torch.complex64, generator=g).requires_grad_()
+    r = torch.view_as_real(z.detach()).clone().requires_grad_()
+    options = dict(lr=0.05, state_dtype=torch.float64, anchor_dtype=torch.bfloat16, **path(foreach))
+    oz = AdamSPD([z], **options)
+    orr = AdamSPD([r], **{**options, "anchor_dtype": None})
+    for t in range(8):
+        grad = torch.randn(70, 70, dtype=torch.complex64, generator=g) + (0.8 if t % 4 < 2 else -0.8)
+        z.grad, r.grad = grad.clone(), torch.view_as_real(grad).clone()
+        oz.step()
+        orr.step()
+    state = oz.state[z]
+    assert state["exp_avg"].dtype == torch.complex128 and state["anchor"].dtype == torch.complex64
+    torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_sparse_gradients_raise_a_clear_error():
@@ -347,7 +373,7 @@ def test_zero_new_deviation_gives_zero_ratio_not_nan():
     # lr = 0: p_adam == p == p0, so ||p_adam - p0|| = 0 on the first step.
     p = torch.ones(3, requires_grad=True)
     for foreach in (False, True):
-        opt = AdamSPD([p], lr=0.0, foreach=foreach)
+        opt = AdamSPD([p], lr=0.0, **path(foreach))
         p.grad = torch.ones(3)
         opt.step()
         stats = opt.spd_stats()
@@ -437,7 +463,7 @@ def test_state_holds_only_what_the_algorithm_needs():
 @pytest.mark.parametrize("foreach", PATHS)
 def test_step_never_reads_tensor_values_on_the_host(monkeypatch, foreach):
     params = make_params(dtype=torch.float32)
-    opt = AdamSPD(params, lr=0.01, foreach=foreach)
+    opt = AdamSPD(params, lr=0.01, **path(foreach))
     grads = grad_stream(SHAPES, 3, dtype=torch.float32)
 
     def forbidden(*_args, **_kwargs):
@@ -460,7 +486,7 @@ def test_ratio_is_accurate_for_small_steps_far_from_the_anchor(foreach):
     g = torch.full((n,), 10.0)
     g[k:] = 0.001  # <g, d> > 0: the condition fires, yet the step grows the deviation
     p = d.clone().requires_grad_()
-    opt = AdamSPD([p], lr=lr, anchor="zero", foreach=foreach)
+    opt = AdamSPD([p], lr=lr, anchor="zero", **path(foreach))
     p.grad = g
     opt.step()
     d64, g64 = d.double(), g.double()
@@ -478,8 +504,8 @@ def test_bf16_params_with_fp32_moments_track_the_fp32_run(foreach):
     fp32 = make_params(dtype=torch.float32, shapes=shapes)
     bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in fp32]
     ref = [p.detach().to(torch.bfloat16).float().requires_grad_() for p in fp32]
-    opt = AdamSPD(bf16, lr=1e-2, state_dtype=torch.float32, foreach=foreach)
-    opt_ref = AdamSPD(ref, lr=1e-2, foreach=foreach)
+    opt = AdamSPD(bf16, lr=1e-2, state_dtype=torch.float32, **path(foreach))
+    opt_ref = AdamSPD(ref, lr=1e-2, **path(foreach))
     for step_grads in grad_stream(shapes, 10, dtype=torch.float32):
         for p, q, g in zip(bf16, ref, step_grads):
             p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 
@@ -164,8 +163,6 @@ def test_state_dict_resume_is_exact(decoupled):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("spdecay._fused") is None,
-                    reason="fused kernel module not present")
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_fused_path_matches_foreach(decoupled):
     pa = make_params(dtype=torch.float32, seed=8)

@@ -16,7 +16,8 @@ tensors, on the parameters' device.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -25,11 +26,38 @@ from spdecay._sharding import is_dtensor, reduce_partial_sums, to_local
 
 
 class SPDStepStats(NamedTuple):
-    """Per-parameter results of one SPD step (lists of 0-d tensors, one entry per parameter)."""
+    """Per-parameter results of one SPD step (sequences of 0-d tensors, one per parameter)."""
 
-    fired: list[Tensor]  # c < 0: the layer's progress pointed back towards its anchor
-    ratio: list[Tensor]  # the ratio r that was applied (0 where the condition did not fire)
-    deviation: list[Tensor]  # ||p - p0|| before the step
+    fired: Sequence[Tensor]  # c < 0: the layer's progress pointed back towards its anchor
+    ratio: Sequence[Tensor]  # the ratio r that was applied (0 where the condition did not fire)
+    deviation: Sequence[Tensor]  # ||p - p0|| before the step
+
+
+class StatColumn(Sequence[Tensor]):
+    """One column of :class:`SPDStepStats` backed by one vector: entry ``i`` is the 0-d view
+    ``values[positions[i]]``, made when read (thousands of per-step 0-d tensors cost
+    milliseconds on the host)."""
+
+    __slots__ = ("values", "positions")
+
+    def __init__(self, values: Tensor, positions: list[int]) -> None:
+        self.values = values
+        self.positions = positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @overload
+    def __getitem__(self, i: int) -> Tensor: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Tensor]: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.values[k] for k in self.positions[i]]
+        return self.values[self.positions[i]]
+
+    def __repr__(self) -> str:
+        return f"StatColumn({self.values[self.positions].tolist()})"
 
 
 def _coefficient_dtype(device: torch.device) -> torch.dtype:
@@ -169,9 +197,11 @@ def _foreach_sum_of_products(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
-    if x.dtype in _LOW_PRECISION or y.dtype in _LOW_PRECISION:
-        return torch.dot(x.reshape(-1).float(), y.reshape(-1).float())
-    return torch.dot(x.reshape(-1), y.reshape(-1))
+    # Moments may be wider than the parameter (state_dtype): take the wider, at least float32.
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    if dtype in _LOW_PRECISION:
+        dtype = torch.float32
+    return torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype))
 
 
 def _growth(updates: list[Tensor], devs: list[Tensor]) -> list[Tensor]:
@@ -219,6 +249,30 @@ def _multi_tensor_adam_spd(
     anchor kind and size class); the sums of all tensors are then reduced together (one
     collective per step for sharded tensors) and phase 2 projects.
     """
+    return _two_phase_adam_spd(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
+        _multi_tensor_phase1, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
+        weight_decay=weight_decay, eps=eps, maximize=maximize, spd=spd,
+    )
+
+
+def _multi_tensor_phase1(params: list[Tensor], anchors: list[Tensor | None], i: int, small: bool):
+    """The phase-1 function of the partition holding tensor ``i`` (torch ops only)."""
+    if small:
+        return _flat_phase1
+    return _sliced_phase1 if params[i].device.type == "cpu" else _foreach_phase1
+
+
+def _two_phase_adam_spd(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, choose_phase1,
+    *, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, spd, fused: list | None = None,
+) -> SPDStepStats | None:
+    """Run phase 1 per partition (``choose_phase1`` picks its implementation), reduce the sums of
+    all tensors together, decide, and run each partition's phase 2 (the projection).
+
+    ``fused[i]``, where not None, is the partition key of a tensor a fused kernel takes: such
+    tensors form partitions of their own, small and large ones together (the kernel has no use
+    for the flat gather)."""
     if not params:
         return SPDStepStats([], [], []) if spd else None
     if not amsgrad:
@@ -230,13 +284,8 @@ def _multi_tensor_adam_spd(
     order: list[int] = []
     sums_parts: list[Tensor] = []
     finishers = []
-    for idx, small in _partition(params, anchors, spd):
-        if small:
-            run_phase1 = _flat_phase1
-        elif params[idx[0]].device.type == "cpu":
-            run_phase1 = _sliced_phase1
-        else:
-            run_phase1 = _foreach_phase1
+    for idx, small in _partition(params, anchors, spd, fused):
+        run_phase1 = choose_phase1(params, anchors, idx[0], small)
         lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors)
         sums, finish = run_phase1(*([xs[i] for i in idx] for xs in lists), **hyper)
         if spd:
@@ -252,26 +301,29 @@ def _multi_tensor_adam_spd(
         finish(coef[start : start + n])
         start += n
     deviation = sums[1].clamp_min(0).sqrt()
-    by_index = dict(zip(order, zip(fired.unbind(), ratio.unbind(), deviation.unbind())))
-    ordered = [by_index[i] for i in range(len(params))]
-    return SPDStepStats(*(list(col) for col in zip(*ordered)))
+    positions = [0] * len(params)
+    for k, i in enumerate(order):
+        positions[i] = k
+    return SPDStepStats(*(StatColumn(col, positions) for col in (fired, ratio, deviation)))
 
 
 def _partition(
-    params: list[Tensor], anchors: list[Tensor | None], spd: bool
+    params: list[Tensor], anchors: list[Tensor | None], spd: bool, fused: list | None = None
 ) -> list[tuple[list[int], bool]]:
-    """Split indices by static properties (device, dtype, zero anchor, small and contiguous)."""
+    """Split indices by static properties (device, dtype, sharded or not, anchor kind, small and
+    contiguous); the flat path (small) takes local, real, contiguous tensors only."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
-        small = p.numel() <= _SMALL_NUMEL and p.is_contiguous() and _plain(p, anchors[i])
-        key = (p.device, p.dtype, spd and anchors[i] is None, small)
+        anchor = anchors[i]
+        sharded = is_dtensor(p)
+        kernel = None if fused is None else fused[i]
+        small = (kernel is None and not sharded and p.numel() <= _SMALL_NUMEL
+                 and p.is_contiguous() and not p.is_complex()
+                 and (anchor is None or anchor.is_contiguous()))
+        key = (p.device, p.dtype, sharded, spd and anchor is None,
+               None if anchor is None else anchor.dtype, kernel, small)
         groups.setdefault(key, []).append(i)
-    return [(idx, key[3]) for key, idx in groups.items()]
-
-
-def _plain(p: Tensor, anchor: Tensor | None) -> bool:
-    # The flat path works on local, real tensors only.
-    return not (is_dtensor(p) or torch.is_complex(p)) and (anchor is None or anchor.is_contiguous())
+    return [(idx, key[-1]) for key, idx in groups.items()]
 
 
 def _chunks(tensors: list[Tensor]) -> list[slice]:
@@ -366,13 +418,9 @@ _SLICE_NUMEL = 1 << 19
 
 def _slices(t: Tensor) -> list[slice]:
     n = t.numel()
-    if n == 0 or not t.is_contiguous():  # n == 0: an empty local shard (FSDP2, more ranks than rows)
-        return [slice(0, n)]
+    if n == 0:  # an empty local shard (FSDP2, more ranks than rows)
+        return [slice(0, 0)]
     return [slice(i, min(i + _SLICE_NUMEL, n)) for i in range(0, n, _SLICE_NUMEL)]
-
-
-def _flat_view(t: Tensor) -> Tensor:
-    return t.view(-1) if t.is_contiguous() else t
 
 
 def _sliced_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
@@ -394,12 +442,16 @@ def _sliced_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
     decay = 1 - lr * weight_decay
     sums = []
     for i, p_full in enumerate(params_l):
-        p, g = _flat_view(p_full), _flat_view(to_local(grads[i]))
-        m, v = _flat_view(to_local(exp_avgs[i])), _flat_view(to_local(exp_avg_sqs[i]))
-        v_max = _flat_view(to_local(max_exp_avg_sqs[i])) if amsgrad else None
-        a = None if anchors_l[i] is None else _flat_view(anchors_l[i])
+        tensors = [p_full, to_local(grads[i]), to_local(exp_avgs[i]), to_local(exp_avg_sqs[i]),
+                   to_local(max_exp_avg_sqs[i]) if amsgrad else None, anchors_l[i]]
+        # Slice flat views only where every tensor is contiguous (a transposed parameter may
+        # have a contiguous gradient); otherwise process the tensors whole, as they are.
+        sliced = all(t is None or t.is_contiguous() for t in tensors)
+        p, g, m, v, v_max, a = (
+            t.view(-1) if sliced and t is not None else t for t in tensors
+        )
         parts = []
-        for sl in _slices(p):
+        for sl in _slices(p) if sliced else [slice(None)]:
             p_s, g_s, m_s, v_s = p[sl], g[sl], m[sl], v[sl]
             if maximize:
                 g_s = -g_s
@@ -541,7 +593,7 @@ def adam_spd(
     if fused and params and params[0].is_cuda:
         from spdecay._triton import triton_adam_spd as func
     elif fused:
-        from spdecay._fused import fused_adam_spd as func
+        from spdecay._fused_cpu import fused_adam_spd as func
     elif foreach:
         func = _multi_tensor_adam_spd
     else:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from spdecay._functional import adam_spd
+from spdecay._functional import SPDStepStats, adam_spd
 from spdecay.stats import SPDStats
 
 _ANCHOR_MODES = ("init", "zero")
@@ -91,7 +91,7 @@ class AdamSPD(Optimizer):
             anchor_dtype=anchor_dtype,
             state_dtype=state_dtype,
         )
-        self._spd_last: dict[Tensor, tuple[Tensor, Tensor, Tensor]] = {}
+        self._spd_last: dict[Tensor, tuple[SPDStepStats, int]] = {}
         super().__init__(params, defaults)
         self.register_load_state_dict_post_hook(_restore_anchor_dtypes)
 
@@ -129,7 +129,7 @@ class AdamSPD(Optimizer):
                 raise ValueError(
                     f"AdamSPD: anchor {i} has shape {tuple(a.shape)}, parameter has {tuple(p.shape)}"
                 )
-            dtype = group["anchor_dtype"] or p.dtype
+            dtype = storage_dtype(p, group["anchor_dtype"])
             self.state[p]["anchor"] = a.detach().to(device=p.device, dtype=dtype).clone()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -165,7 +165,8 @@ class AdamSPD(Optimizer):
                 raise RuntimeError("AdamSPD does not support sparse gradients")
             has_complex |= torch.is_complex(p)
             state = self.state[p]
-            moments = dict(memory_format=torch.preserve_format, dtype=group["state_dtype"])
+            moments = dict(memory_format=torch.preserve_format,
+                           dtype=storage_dtype(p, group["state_dtype"]))
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, **moments)
@@ -177,7 +178,7 @@ class AdamSPD(Optimizer):
             if use_anchor and "anchor" not in state:
                 # Captured lazily, before the first update: the value the parameter has when
                 # the optimizer first steps it (robust to frameworks that swap parameters).
-                dtype = group["anchor_dtype"] or p.dtype
+                dtype = storage_dtype(p, group["anchor_dtype"])
                 state["anchor"] = p.detach().to(dtype=dtype, copy=True)
             params.append(p)
             grads.append(p.grad)
@@ -228,9 +229,9 @@ class AdamSPD(Optimizer):
                 spd=group["spd"],
                 capturable=group["capturable"],
             )
-            if stats is not None:
-                for p, fired, ratio, dev in zip(params, *stats):
-                    self._spd_last[p] = (fired, ratio, dev)
+            if stats is not None:  # read back by spd_stats(); no per-tensor work here
+                for i, p in enumerate(params):
+                    self._spd_last[p] = (stats, i)
         return loss
 
     def spd_stats(self) -> SPDStats:
@@ -244,10 +245,10 @@ class AdamSPD(Optimizer):
                 if p not in self._spd_last:
                     continue
                 names.append(group_names[i] if group_names else f"group{g}.param{i}")
-                f, r, d = self._spd_last[p]
-                fired.append(f)
-                ratio.append(r)
-                deviation.append(d)
+                stats, k = self._spd_last[p]
+                fired.append(stats.fired[k])
+                ratio.append(stats.ratio[k])
+                deviation.append(stats.deviation[k])
         return SPDStats.from_lists(names, fired, ratio, deviation)
 
 
@@ -307,4 +308,18 @@ def _restore_anchor_dtypes(optimizer: Optimizer) -> None:
             state = optimizer.state.get(p, {})
             for key, dtype in wanted.items():
                 if dtype is not None and key in state:
-                    state[key] = state[key].to(dtype)
+                    state[key] = state[key].to(storage_dtype(p, dtype))
+
+
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def storage_dtype(p: Tensor, wanted: torch.dtype | None) -> torch.dtype:
+    """The dtype of a parameter-sized state entry (``anchor_dtype``, ``state_dtype``): a complex
+    parameter keeps complex state, of the wanted precision where torch has a complex type for it
+    (float32, float64); otherwise such entries stay in the parameter's dtype."""
+    if wanted is None:
+        return p.dtype
+    if p.is_complex() and not wanted.is_complex:
+        return _COMPLEX_OF.get(wanted, p.dtype)
+    return wanted

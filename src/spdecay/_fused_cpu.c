@@ -1,0 +1,131 @@
+/* Fused CPU kernels of AdamSPD (see _fused_cpu.py, which compiles this file once on first use).
+ * The kernels themselves are in _fused_cpu_kernel.h, instantiated below for float and double. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Elements per work item: large enough to amortise scheduling, small enough that the threads
+ * share the elements of one large tensor evenly. */
+#define SPD_BLOCK (1 << 16)
+/* Below this many elements in a call, run on the calling thread (no thread wake-up). */
+#define SPD_SERIAL (1 << 17)
+
+enum { ANCHOR_NONE = 0, ANCHOR_SAME = 1, ANCHOR_BF16 = 2 };
+
+/* One call: lists of tensors of one dtype, as raw data pointers (contiguous, dense). Mirrors the
+ * ctypes Structure in _fused_cpu.py field by field. */
+typedef struct {
+    int64_t n;               /* number of tensors */
+    const int64_t *numels;   /* [n] elements of each tensor */
+    void **params, **grads, **exp_avgs, **exp_avg_sqs, **max_exp_avg_sqs, **anchors;
+    void **steps;            /* [n] 0-d step counts (float32, or float64 where step_double) */
+    int32_t anchor_kind;     /* ANCHOR_*: no anchor (zero), same dtype as p, bfloat16 */
+    int32_t spd, amsgrad, maximize, threads, step_double;
+    double beta1, beta2, eps, weight_decay;
+    const double *lr;        /* the learning rate (one value; may come from a tensor) */
+    const double *coef;      /* [n] projection weights (phase 2) */
+    double *sums;            /* [3, n] output of phase 1, NULL where spd == 0 */
+} SpdCall;
+
+/* Per-tensor coefficients of one step, after its step count was incremented. */
+typedef struct {
+    double *neg_step_size; /* -lr / (1 - beta1^t) */
+    double *bc2_sqrt;      /* sqrt(1 - beta2^t) */
+} StepCoefs;
+
+/* Increment every step count (as torch's Adam does) and derive the step's coefficients, in
+ * float64 as spdecay's torch paths do. */
+static int step_coefficients(const SpdCall *c, StepCoefs *k) {
+    size_t bytes = (size_t)(c->n > 0 ? c->n : 1) * sizeof(double);
+    k->neg_step_size = malloc(bytes);
+    k->bc2_sqrt = malloc(bytes);
+    if (!k->neg_step_size || !k->bc2_sqrt) return 1;
+    for (int64_t i = 0; i < c->n; i++) {
+        double t;
+        if (c->step_double) {
+            t = *(double *)c->steps[i] += 1.0;
+        } else {
+            t = *(float *)c->steps[i] += 1.0f;
+        }
+        k->neg_step_size[i] = -*c->lr / (1.0 - pow(c->beta1, t));
+        k->bc2_sqrt[i] = sqrt(1.0 - pow(c->beta2, t));
+    }
+    return 0;
+}
+
+static void free_coefficients(StepCoefs *k) {
+    free(k->neg_step_size);
+    free(k->bc2_sqrt);
+}
+
+typedef struct {
+    int64_t count, total;
+    int64_t *tensor, *start, *len;
+} WorkList;
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static void free_work(WorkList *w) {
+    free(w->tensor);
+    free(w->start);
+    free(w->len);
+}
+
+/* Items of at most SPD_BLOCK elements, in tensor order; tensors whose weight is 0 are skipped
+ * when `weights` is given (phase 2: a layer whose condition did not fire is not touched). */
+static int make_work(WorkList *w, int64_t n, const int64_t *numels, const double *weights) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (!weights || weights[i] != 0.0) count += (numels[i] + SPD_BLOCK - 1) / SPD_BLOCK;
+    w->count = count;
+    w->total = 0;
+    size_t bytes = (size_t)(count > 0 ? count : 1) * sizeof(int64_t);
+    w->tensor = malloc(bytes);
+    w->start = malloc(bytes);
+    w->len = malloc(bytes);
+    if (!w->tensor || !w->start || !w->len) {
+        free_work(w);
+        return 1;
+    }
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (weights && weights[i] == 0.0) continue;
+        for (int64_t s = 0; s < numels[i]; s += SPD_BLOCK) {
+            w->tensor[k] = i;
+            w->start[k] = s;
+            w->len[k] = numels[i] - s < SPD_BLOCK ? numels[i] - s : SPD_BLOCK;
+            w->total += w->len[k];
+            k++;
+        }
+    }
+    return 0;
+}
+
+/* sums[q, i] = sum over the items of tensor i, in item order (deterministic). */
+static void sum_items(const WorkList *w, const double *partial, int64_t n, double *sums) {
+    memset(sums, 0, (size_t)(3 * n) * sizeof(double));
+    for (int64_t k = 0; k < w->count; k++)
+        for (int q = 0; q < 3; q++) sums[q * n + w->tensor[k]] += partial[3 * k + q];
+}
+
+#define SCALAR float
+#define SQRT sqrtf
+#define FN(name) name##_f32
+#include "_fused_cpu_kernel.h"
+#undef SCALAR
+#undef SQRT
+#undef FN
+
+#define SCALAR double
+#define SQRT sqrt
+#define FN(name) name##_f64
+#include "_fused_cpu_kernel.h"
+#undef SCALAR
+#undef SQRT
+#undef FN
