@@ -1,7 +1,8 @@
 """Overhead of the SPD add-on over the bare optimizer, ViT-B/16-shaped parameter list (86.6M).
 
-Bare and wrapped optimizers are timed side by side in one run (interleaved repetitions, so
-machine noise hits both alike) and reported as ratios of median step times. Target: <= 1.35x.
+The bare optimizer and the same optimizer with the add-on (torch ops, and ``fused=True``: the C
+kernel) are timed side by side in one run (interleaved repetitions, so machine noise hits all
+alike) and reported as ratios of median step times. Target: <= 1.35x.
 
     PYTHONPATH=src python benchmarks/addon_overhead.py [--reps 9] [--threads N]
 """
@@ -43,28 +44,35 @@ def timed(step) -> float:
 
 
 def compare(name: str, build, reps: int) -> dict[str, float]:
-    bare_params, spd_params = make(0), make(0)
-    bare = build(bare_params)
-    wrapped = build(spd_params)
-    spd = SelectiveProjectionDecay(wrapped, weight_decay=1.0)
-    for _ in range(2):  # warm-up: state, anchors, allocator
-        bare.step()
-        wrapped.step()
-    tb, tw, fired = [], [], []
+    """Bare optimizer, + add-on (torch ops) and + add-on (fused=True, the C kernel), interleaved."""
+    variants = {"bare": None, "add-on": False, "add-on fused": True}
+    params = {k: make(0) for k in variants}
+    opts, addons = {}, {}
+    for k, fused in variants.items():
+        opts[k] = build(params[k])
+        if fused is not None:
+            addons[k] = SelectiveProjectionDecay(opts[k], weight_decay=1.0, fused=fused)
+    for _ in range(2):  # warm-up: state, anchors, allocator, kernel build
+        for opt in opts.values():
+            opt.step()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    fired = []
     flip = torch.Generator().manual_seed(1)
     for _ in range(reps):
         # Untimed: flip the gradient sign of a random half of the tensors, so that the SPD
         # condition fires on some tensors every step (fixed gradients would never fire it).
-        for i in torch.randperm(len(bare_params), generator=flip)[: len(bare_params) // 2]:
-            bare_params[i].grad.neg_()
-            spd_params[i].grad.neg_()
-        tb.append(timed(bare.step))
-        tw.append(timed(wrapped.step))
-        fired.append(spd.stats().fired.float().mean().item())
-    mb, mw = statistics.median(tb), statistics.median(tw)
-    print(f"{name:<22} bare {mb * 1e3:7.1f} ms   +SPD add-on {mw * 1e3:7.1f} ms   "
-          f"ratio {mw / mb:5.2f}x   (fired on {statistics.mean(fired):.0%} of tensors)")
-    return {"bare_ms": mb * 1e3, "addon_ms": mw * 1e3, "ratio": mw / mb}
+        for i in torch.randperm(len(params["bare"]), generator=flip)[: len(params["bare"]) // 2]:
+            for ps in params.values():
+                ps[i].grad.neg_()
+        for k, opt in opts.items():
+            times[k].append(timed(opt.step))
+        fired.append(addons["add-on"].stats().fired.float().mean().item())
+    med = {k: statistics.median(ts) * 1e3 for k, ts in times.items()}
+    print(f"{name:<22} bare {med['bare']:7.1f} ms   +add-on {med['add-on']:7.1f} ms "
+          f"({med['add-on'] / med['bare']:4.2f}x)   +add-on fused {med['add-on fused']:7.1f} ms "
+          f"({med['add-on fused'] / med['bare']:4.2f}x)   fired on {statistics.mean(fired):.0%} "
+          "of tensors", flush=True)
+    return med
 
 
 def main() -> None:

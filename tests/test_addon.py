@@ -12,16 +12,26 @@ from spdecay import AdamSPD, SelectiveProjectionDecay
 SHAPES = [(), (5,), (4, 3), (2, 3, 2, 2)]
 
 
-@pytest.fixture(params=["whole", "sliced"])
+@pytest.fixture(params=["whole", "sliced", "kernel"])
 def layout(request, monkeypatch):
-    """Run a test on whole-tensor foreach chunks and, again, on the cache-sized CPU slices."""
+    """Run a test on whole-tensor foreach chunks, again on the cache-sized CPU slices, and again
+    with the fused C kernel (``SelectiveProjectionDecay(..., fused=True)`` made the default)."""
     import spdecay._functional as F
     import spdecay.addon as A
 
     if request.param == "sliced":
         monkeypatch.setattr(F, "_SLICE_NUMEL", 5)  # tensors above 5 elements walked in slices
         monkeypatch.setattr(A, "_CHUNK_NUMEL", 8)  # several foreach chunks for the rest
-    return request.param
+    if request.param == "kernel":
+        init = A.SelectiveProjectionDecay.__init__
+        monkeypatch.setattr(init, "__kwdefaults__", {**init.__kwdefaults__, "fused": True})
+        measured = []
+        real = A._kernel().measure
+        monkeypatch.setattr(A._kernel(), "measure", lambda *a: measured.append(1) or real(*a))
+        yield request.param
+        assert measured, "the fused kernel must have been used"
+        return
+    yield request.param
 
 
 def make_params(dtype=torch.float64, seed=0, shapes=SHAPES):

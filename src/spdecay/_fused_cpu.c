@@ -11,7 +11,8 @@
 /* Below this many elements in a call, run on the calling thread (no thread wake-up). */
 #define SPD_SERIAL (1 << 17)
 
-enum { ANCHOR_NONE = 0, ANCHOR_SAME = 1, ANCHOR_BF16 = 2 };
+/* Anchor storage: none (zero anchor), the parameter's dtype, bfloat16, float32 (double params). */
+enum { ANCHOR_NONE = 0, ANCHOR_SAME = 1, ANCHOR_BF16 = 2, ANCHOR_F32 = 3 };
 
 /* One call: lists of tensors of one dtype, as raw data pointers (contiguous, dense). Mirrors the
  * ctypes Structure in _fused_cpu.py field by field. */
@@ -20,7 +21,7 @@ typedef struct {
     const int64_t *numels;   /* [n] elements of each tensor */
     void **params, **grads, **exp_avgs, **exp_avg_sqs, **max_exp_avg_sqs, **anchors;
     void **steps;            /* [n] 0-d step counts (float32, or float64 where step_double) */
-    int32_t anchor_kind;     /* ANCHOR_*: no anchor (zero), same dtype as p, bfloat16 */
+    int32_t anchor_kind;     /* ANCHOR_* */
     int32_t spd, amsgrad, maximize, threads, step_double;
     double beta1, beta2, eps, weight_decay;
     const double *lr;        /* the learning rate (one value; may come from a tensor) */

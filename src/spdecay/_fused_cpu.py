@@ -40,7 +40,7 @@ _SOURCES = ("_fused_cpu.c", "_fused_cpu_kernel.h")
 # -ffp-contract=off: no fused multiply-adds, so results do not depend on the CPU's instruction set.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC",
           "-shared"]
-_ANCHOR_NONE, _ANCHOR_SAME, _ANCHOR_BF16 = 0, 1, 2
+_ANCHOR_NONE, _ANCHOR_SAME, _ANCHOR_BF16, _ANCHOR_F32 = 0, 1, 2, 3
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -126,7 +126,7 @@ def library() -> ctypes.CDLL:
     # torch is imported, so the kernel's OpenMP runtime (libgomp) is torch's own: one thread pool.
     lib = ctypes.CDLL(str(target))
     for suffix in _SUFFIX.values():
-        for name in ("spd_phase1", "spd_project"):
+        for name in ("spd_phase1", "spd_project", "spd_measure"):
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = [ctypes.POINTER(_SpdCall)]
             fn.restype = ctypes.c_int
@@ -146,7 +146,11 @@ def _anchor_kind(p_dtype: torch.dtype, anchor: Tensor | None) -> int | None:
         return None
     if anchor.dtype == p_dtype:
         return _ANCHOR_SAME
-    return _ANCHOR_BF16 if anchor.dtype == torch.bfloat16 and not p_dtype.is_complex else None
+    if anchor.dtype == torch.bfloat16 and p_dtype in _SUFFIX:
+        return _ANCHOR_BF16
+    if anchor.dtype == torch.float32 and p_dtype == torch.float64:
+        return _ANCHOR_F32
+    return None
 
 
 def kernel_key(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
@@ -171,67 +175,111 @@ def kernel_key(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     return step.dtype if _anchor_kind(dtype, anchors[i]) is not None else None
 
 
-def _pointers(tensors: list[Tensor], sharded: bool) -> ctypes.Array:
-    # A complex tensor and its real view share the address; a DTensor's data is its shard's.
-    if sharded:
-        tensors = [to_local(t) for t in tensors]
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+class _Call:
+    """One kernel call's arguments: the C struct and the objects its pointers point into (kept
+    alive for as long as the call is used)."""
+
+    def __init__(self, params: list[Tensor], anchors: list[Tensor | None], spd: bool) -> None:
+        self.suffix = _SUFFIX[_real_dtype(params[0].dtype)]
+        self.sharded = is_dtensor(params[0])  # partitions never mix DTensors and plain tensors
+        kind = _anchor_kind(params[0].dtype, anchors[0]) if spd else _ANCHOR_NONE
+        width = 2 if params[0].is_complex() else 1  # complex: real pairs
+        local = [to_local(p) for p in params] if self.sharded else params
+        self.keep: dict[str, object] = {}
+        self.struct = _SpdCall(n=len(params), anchor_kind=kind, spd=int(spd),
+                               threads=torch.get_num_threads())
+        self.tensor("numels", torch.tensor([width * p.numel() for p in local], dtype=torch.int64))
+        self.pointers("params", local)
+        if kind != _ANCHOR_NONE:
+            self.pointers("anchors", anchors)
+
+    def pointers(self, field: str, tensors: list[Tensor], per_parameter: bool = True) -> None:
+        # A complex tensor and its real view share the address; a DTensor's data is its shard's.
+        if self.sharded and per_parameter:
+            tensors = [to_local(t) for t in tensors]
+        array = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+        self.keep[field] = array
+        setattr(self.struct, field, ctypes.cast(array, ctypes.c_void_p))
+
+    def tensor(self, field: str, t: Tensor) -> Tensor:
+        self.keep[field] = t
+        setattr(self.struct, field, t.data_ptr())
+        return t
+
+    def run(self, name: str) -> None:
+        if getattr(library(), f"{name}_{self.suffix}")(ctypes.byref(self.struct)) != 0:
+            raise MemoryError(f"spdecay fused CPU kernel {name}: out of memory for its work list")
 
 
 def _fused_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
                   *, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, spd):
     """Phase 1 in C for one partition (one dtype, one anchor kind); returns sums [3, n] and the
     projection."""
-    lib = library()
-    suffix = _SUFFIX[_real_dtype(params[0].dtype)]
-    kind = _anchor_kind(params[0].dtype, anchors[0]) if spd else _ANCHOR_NONE
-    n = len(params)
-    width = 2 if params[0].is_complex() else 1  # complex: real pairs
-    sharded = is_dtensor(params[0])  # partitions never mix DTensors and plain tensors
-    if sharded:
-        numels = [width * to_local(p).numel() for p in params]
-    else:
-        numels = [width * p.numel() for p in params]
-    keep = {  # everything the C code points into must stay alive until the projection
-        "numels": torch.tensor(numels, dtype=torch.int64),
-        # a tensor lr is copied, never read on the host
-        "lr": torch.as_tensor(lr, dtype=torch.float64).to("cpu", copy=True).reshape(1),
-        "params": _pointers(params, sharded),
-        "grads": _pointers(grads, sharded),
-        "exp_avgs": _pointers(exp_avgs, sharded),
-        "exp_avg_sqs": _pointers(exp_avg_sqs, sharded),
-        "steps": _pointers(state_steps, False),
-    }
-    call = _SpdCall(n=n, anchor_kind=kind, spd=int(spd), amsgrad=int(amsgrad),
-                    maximize=int(maximize), threads=torch.get_num_threads(),
-                    step_double=int(state_steps[0].dtype == torch.float64), beta1=beta1,
-                    beta2=beta2, eps=eps, weight_decay=weight_decay)
-    call.numels, call.lr = keep["numels"].data_ptr(), keep["lr"].data_ptr()
-    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"):
-        setattr(call, name, ctypes.cast(keep[name], ctypes.c_void_p))
+    call = _Call(params, anchors, spd)
+    for field, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        call.pointers(field, tensors)
     if amsgrad:
-        keep["max_exp_avg_sqs"] = _pointers(max_exp_avg_sqs, sharded)
-        call.max_exp_avg_sqs = ctypes.cast(keep["max_exp_avg_sqs"], ctypes.c_void_p)
-    if kind != _ANCHOR_NONE:
-        keep["anchors"] = _pointers(anchors, sharded)
-        call.anchors = ctypes.cast(keep["anchors"], ctypes.c_void_p)
-    sums = None
-    if spd:
-        sums = torch.empty(3, n, dtype=torch.float64)
-        call.sums = sums.data_ptr()
-    if getattr(lib, f"spd_phase1_{suffix}")(ctypes.byref(call)) != 0:
-        raise MemoryError("AdamSPD fused CPU kernel: out of memory for its work list")
+        call.pointers("max_exp_avg_sqs", max_exp_avg_sqs)
+    call.pointers("steps", state_steps, per_parameter=False)  # 0-d counts, never sharded
+    c = call.struct
+    c.amsgrad, c.maximize, c.step_double = amsgrad, maximize, state_steps[0].dtype == torch.float64
+    c.beta1, c.beta2, c.eps, c.weight_decay = beta1, beta2, eps, weight_decay
+    # A tensor lr is copied, never read on the host.
+    call.tensor("lr", torch.as_tensor(lr, dtype=torch.float64).to("cpu", copy=True).reshape(1))
+    sums = call.tensor("sums", torch.empty(3, len(params), dtype=torch.float64)) if spd else None
+    call.run("spd_phase1")
     if not spd:
         return None, None
 
     def project(coef: Tensor) -> None:
-        weights = coef.to("cpu", torch.float64).contiguous()
-        call.coef = weights.data_ptr()
-        if getattr(lib, f"spd_project_{suffix}")(ctypes.byref(call)) != 0:
-            raise MemoryError("AdamSPD fused CPU kernel: out of memory for its work list")
-        del keep["params"]  # the call is complete
+        call.tensor("coef", coef.to("cpu", torch.float64).contiguous())
+        call.run("spd_project")
 
     return sums, project
+
+
+def measure(params: list[Tensor], anchors: list[Tensor | None],
+            grads: list[Tensor] | None) -> Tensor:
+    """The add-on's per-tensor partial sums in one pass: [<g, p - p0>, ||p - p0||^2], shape
+    [2, n] float64 (row 0 is 0 without grads). Tensors as :func:`addon_covers` accepts."""
+    call = _Call(params, anchors, spd=True)
+    if grads is not None:
+        call.pointers("grads", grads)
+    sums = call.tensor("sums", torch.empty(3, len(params), dtype=torch.float64))
+    call.run("spd_measure")
+    return sums[:2]
+
+
+def project(params: list[Tensor], anchors: list[Tensor | None], coef: Tensor) -> None:
+    """p <- lerp(p, p0, coef) per tensor (p *= 1 - coef for zero anchors); tensors with coef 0
+    are not touched."""
+    call = _Call(params, anchors, spd=True)
+    call.tensor("coef", coef.to("cpu", torch.float64).contiguous())
+    call.run("spd_project")
+
+
+def addon_covers(params: list[Tensor], anchors: list[Tensor | None],
+                 grads: list[Tensor] | None) -> bool:
+    """Whether :func:`measure` and :func:`project` take these tensors: CPU, one float32/float64
+    (or complex) dtype, contiguous, gradients in that dtype, anchors all None or all of one
+    kind (the parameter's dtype, bfloat16, or float32 for float64)."""
+    if not params:
+        return False
+    dtype, sharded = params[0].dtype, is_dtensor(params[0])
+    if _real_dtype(dtype) not in _SUFFIX:
+        return False
+    kinds = {_anchor_kind(dtype, a) for a in anchors}
+    if len(kinds) != 1 or None in kinds:
+        return False
+    for i, p in enumerate(params):
+        ts = [p] if grads is None else [p, grads[i]]
+        for t in ts:
+            if is_dtensor(t) != sharded:
+                return False
+            t = to_local(t)
+            if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+                return False
+    return True
 
 
 def fused_adam_spd(

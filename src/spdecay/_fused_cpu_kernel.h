@@ -16,7 +16,18 @@ static inline __attribute__((always_inline)) SCALAR FN(anchor_at)(const void *a,
                                                                    const int kind) {
     if (kind == ANCHOR_SAME) return ((const SCALAR *)a)[j];
     if (kind == ANCHOR_BF16) return (SCALAR)bf16_to_float(((const uint16_t *)a)[j]);
+    if (kind == ANCHOR_F32) return (SCALAR)((const float *)a)[j];
     return (SCALAR)0;
+}
+
+/* Tensor i's anchor data from element `start` on (NULL for zero anchors). */
+static const void *FN(anchor_from)(const SpdCall *c, int64_t i, int64_t start) {
+    switch (c->anchor_kind) {
+        case ANCHOR_SAME: return (const SCALAR *)c->anchors[i] + start;
+        case ANCHOR_BF16: return (const uint16_t *)c->anchors[i] + start;
+        case ANCHOR_F32: return (const float *)c->anchors[i] + start;
+        default: return NULL;
+    }
 }
 
 /* One work item of phase 1. `kind`, `spd`, `amsgrad` and `maximize` are compile-time constants
@@ -64,9 +75,7 @@ static void FN(phase1_item)(const SpdCall *c, const StepCoefs *k, int64_t i, int
     SCALAR *m = (SCALAR *)c->exp_avgs[i] + start;
     SCALAR *v = (SCALAR *)c->exp_avg_sqs[i] + start;
     SCALAR *vmax = c->amsgrad ? (SCALAR *)c->max_exp_avg_sqs[i] + start : NULL;
-    const void *a = NULL;
-    if (c->anchor_kind == ANCHOR_SAME) a = (const SCALAR *)c->anchors[i] + start;
-    if (c->anchor_kind == ANCHOR_BF16) a = (const uint16_t *)c->anchors[i] + start;
+    const void *a = FN(anchor_from)(c, i, start);
     const SCALAR eps = (SCALAR)c->eps;
     const SCALAR step = (SCALAR)k->neg_step_size[i], bc2 = (SCALAR)k->bc2_sqrt[i];
     const SCALAR decay = (SCALAR)(1.0 - *c->lr * c->weight_decay); /* used where spd == 0 */
@@ -87,6 +96,7 @@ static void FN(phase1_item)(const SpdCall *c, const StepCoefs *k, int64_t i, int
         SPD_KIND(ANCHOR_NONE)
         SPD_KIND(ANCHOR_SAME)
         SPD_KIND(ANCHOR_BF16)
+        SPD_KIND(ANCHOR_F32)
 #undef SPD_KIND
 #undef SPD_RANGE
     }
@@ -104,19 +114,19 @@ static void FN(project_item)(const SpdCall *c, int64_t i, int64_t start, int64_t
     /* torch's lerp: start + w (end - start) for w < 0.5, else end - (end - start)(1 - w) */
     const int low = w < (SCALAR)0.5;
     const SCALAR rest = (SCALAR)1 - w;
-    if (c->anchor_kind == ANCHOR_SAME) {
-        const SCALAR *restrict a = (const SCALAR *)c->anchors[i] + start;
-#pragma omp simd
-        for (int64_t j = 0; j < n; j++)
-            p[j] = low ? p[j] + w * (a[j] - p[j]) : a[j] - (a[j] - p[j]) * rest;
-    } else {
-        const uint16_t *restrict a = (const uint16_t *)c->anchors[i] + start;
-#pragma omp simd
-        for (int64_t j = 0; j < n; j++) {
-            const SCALAR aj = (SCALAR)bf16_to_float(a[j]);
-            p[j] = low ? p[j] + w * (aj - p[j]) : aj - (aj - p[j]) * rest;
-        }
+    const void *a = FN(anchor_from)(c, i, start);
+#define SPD_LERP(KIND)                                                         \
+    _Pragma("omp simd")                                                        \
+    for (int64_t j = 0; j < n; j++) {                                          \
+        const SCALAR aj = FN(anchor_at)(a, j, KIND);                           \
+        p[j] = low ? p[j] + w * (aj - p[j]) : aj - (aj - p[j]) * rest;          \
     }
+    switch (c->anchor_kind) {
+        case ANCHOR_SAME: SPD_LERP(ANCHOR_SAME) break;
+        case ANCHOR_BF16: SPD_LERP(ANCHOR_BF16) break;
+        default: SPD_LERP(ANCHOR_F32) break;
+    }
+#undef SPD_LERP
 }
 
 int FN(spd_phase1)(const SpdCall *c) {
@@ -146,6 +156,48 @@ int FN(spd_project)(const SpdCall *c) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads) if (work.total > SPD_SERIAL)
     for (int64_t k = 0; k < work.count; k++)
         FN(project_item)(c, work.tensor[k], work.start[k], work.len[k]);
+    free_work(&work);
+    return 0;
+}
+
+/* The add-on's measurements: per tensor <g, p - p0> (where grads are given) and ||p - p0||^2,
+ * one pass over g, p and p0; sums is [2, n]. */
+static void FN(measure_item)(const SpdCall *c, int64_t i, int64_t start, int64_t n, double out[2]) {
+    const SCALAR *restrict p = (const SCALAR *)c->params[i] + start;
+    const SCALAR *restrict g = c->grads ? (const SCALAR *)c->grads[i] + start : NULL;
+    const void *a = FN(anchor_from)(c, i, start);
+    double inner = 0.0, dev_sq = 0.0;
+#define SPD_MEASURE(KIND)                                              \
+    _Pragma("omp simd reduction(+ : inner, dev_sq)")                   \
+    for (int64_t j = 0; j < n; j++) {                                  \
+        const SCALAR d = p[j] - FN(anchor_at)(a, j, KIND);             \
+        if (g) inner += (double)g[j] * (double)d;                      \
+        dev_sq += (double)d * (double)d;                               \
+    }
+    switch (c->anchor_kind) {
+        case ANCHOR_NONE: SPD_MEASURE(ANCHOR_NONE) break;
+        case ANCHOR_SAME: SPD_MEASURE(ANCHOR_SAME) break;
+        case ANCHOR_BF16: SPD_MEASURE(ANCHOR_BF16) break;
+        default: SPD_MEASURE(ANCHOR_F32) break;
+    }
+#undef SPD_MEASURE
+    out[0] = inner;
+    out[1] = dev_sq;
+}
+
+int FN(spd_measure)(const SpdCall *c) {
+    WorkList work;
+    if (make_work(&work, c->n, c->numels, NULL) != 0) return 1;
+    double *partial = calloc((size_t)(3 * (work.count > 0 ? work.count : 1)), sizeof(double));
+    if (!partial) {
+        free_work(&work);
+        return 1;
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads) if (work.total > SPD_SERIAL)
+    for (int64_t k = 0; k < work.count; k++)
+        FN(measure_item)(c, work.tensor[k], work.start[k], work.len[k], partial + 3 * k);
+    sum_items(&work, partial, c->n, c->sums); /* rows 0, 1 (row 2 stays 0) */
+    free(partial);
     free_work(&work);
     return 0;
 }

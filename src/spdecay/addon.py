@@ -45,7 +45,7 @@ _CHUNK_NUMEL = 1 << 25
 class _Bucket:
     """Tensors of one (device, dtype, anchor kind) with what the pre-hook measured."""
 
-    __slots__ = ("params", "anchors", "lams", "inner", "dev_sq")
+    __slots__ = ("params", "anchors", "lams", "inner", "dev_sq", "kernel")
 
     def __init__(self) -> None:
         self.params: list[Tensor] = []
@@ -53,6 +53,7 @@ class _Bucket:
         self.lams: list[float] = []
         self.inner: Tensor | None = None  # <g, p - p0> per tensor (c = -inner)
         self.dev_sq: Tensor | None = None  # ||p - p0||^2 before the step
+        self.kernel = False  # measured and projected by the fused CPU kernel
 
 
 def _chunks(tensors: list[Tensor]) -> Iterator[slice]:
@@ -144,6 +145,9 @@ class SelectiveProjectionDecay:
             gradient, i.e. the pre-trained weights) or ``"zero"`` (PEFT/LoRA weights); per group
             override key ``"anchor"``. A group with ``"spd": False`` is left alone.
         anchor_dtype: dtype to store anchors in (default: the parameter's dtype).
+        fused: measure and project CPU tensors with spdecay's fused C kernel (one pass per
+            measurement; compiled once on first use, like ``AdamSPD(fused=True)``). Tensors it
+            does not cover (other devices, dtypes or layouts) use torch ops as with the default.
 
     A step skipped by ``torch.amp.GradScaler`` applies no projection: the scaler does not call
     ``optimizer.step()`` (so the hooks do not run), and fused optimizers that skip inside the
@@ -157,6 +161,7 @@ class SelectiveProjectionDecay:
         anchor: str = "init",
         *,
         anchor_dtype: torch.dtype | None = None,
+        fused: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -170,6 +175,13 @@ class SelectiveProjectionDecay:
             raise TypeError(f"anchor_dtype must be a floating torch.dtype, got {anchor_dtype!r}")
         for i, group in enumerate(optimizer.param_groups):
             _check_group(group, i)
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {fused!r}")
+        if fused:
+            from spdecay import _fused_cpu
+
+            _fused_cpu.library()  # build now: a missing compiler is reported here, not mid-step
+        self.fused = fused
         self.optimizer = optimizer
         self.weight_decay = float(weight_decay)
         self.anchor = anchor
@@ -268,8 +280,14 @@ class SelectiveProjectionDecay:
         for b in buckets.values():
             # Only the sign of <g, p - p0> matters, so grads still scaled by a GradScaler
             # (fused optimizers unscale inside their kernel) give the same decision.
-            inner, dev_sq = _measure(b.params, b.anchors, grads[id(b)])
-            sums = reduce_partial_sums(torch.stack([inner, dev_sq]), b.params)  # type: ignore[list-item]
+            b.kernel = self.fused and _kernel().addon_covers(b.params, b.anchors, grads[id(b)])
+            if b.kernel:
+                sums = _kernel().measure(b.params, b.anchors, grads[id(b)])
+                sums = sums.to(b.params[0].device)
+            else:
+                inner, dev_sq = _measure(b.params, b.anchors, grads[id(b)])
+                sums = torch.stack([inner, dev_sq])  # type: ignore[list-item]
+            sums = reduce_partial_sums(sums, b.params)
             b.inner, b.dev_sq = sums[0], sums[1]
         self._buckets = list(buckets.values())
 
@@ -284,6 +302,13 @@ class SelectiveProjectionDecay:
             if len(set(b.lams)) > 1:
                 lam = torch.tensor(b.lams, dtype=b.dev_sq.dtype, device=b.dev_sq.device)
             n = len(b.params)
+            if b.kernel:  # one pass for the new norms, one over the tensors that fired
+                new_sq = _kernel().measure(b.params, b.anchors, None)[1].to(b.dev_sq.device)
+                new_sq = reduce_partial_sums(new_sq.unsqueeze(0), b.params)[0]
+                fired, ratio, coef = _decide(b.inner, b.dev_sq, new_sq, lam, found_inf)
+                _kernel().project(b.params, b.anchors, coef)
+                self._record(opt, b, fired, ratio)
+                continue
             fired_l: list[Tensor] = [None] * n  # type: ignore[list-item]
             ratio_l: list[Tensor] = [None] * n  # type: ignore[list-item]
             # Large CPU tensors one by one: norm, decision and projection back to back, so the
@@ -315,16 +340,25 @@ class SelectiveProjectionDecay:
                 _project(ps, ans, c)  # pass 2
                 for j, i in enumerate(rest):
                     fired_l[i], ratio_l[i] = f[j], r[j]
-            fired, ratio = torch.stack(fired_l), torch.stack(ratio_l)
-            devs_out = b.dev_sq.clamp_min(0).sqrt()
-            rows = zip(b.params, fired.unbind(), ratio.unbind(), devs_out.unbind(), strict=True)
-            for p, f, r, d in rows:
-                self._last[p] = (f, r, d)
-            # The base step has initialised the state of every stepped parameter by now.
-            for p in b.params:
-                a = self._pending.pop(p, None)
-                if a is not None:
-                    opt.state[p]["spd_anchor"] = a
+            self._record(opt, b, torch.stack(fired_l), torch.stack(ratio_l))
+
+    def _record(self, opt: torch.optim.Optimizer, b: _Bucket, fired: Tensor, ratio: Tensor) -> None:
+        assert b.dev_sq is not None
+        devs_out = b.dev_sq.clamp_min(0).sqrt()
+        rows = zip(b.params, fired.unbind(), ratio.unbind(), devs_out.unbind(), strict=True)
+        for p, f, r, d in rows:
+            self._last[p] = (f, r, d)
+        # The base step has initialised the state of every stepped parameter by now.
+        for p in b.params:
+            a = self._pending.pop(p, None)
+            if a is not None:
+                opt.state[p]["spd_anchor"] = a
+
+
+def _kernel():
+    from spdecay import _fused_cpu
+
+    return _fused_cpu
 
 
 def _decide(
