@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _per_tensor_if import PerTensorIfSPD
 
 from spdecay import AdamSPD
 
@@ -58,42 +59,6 @@ MODELS = {
     "llama8": ("LLaMA-7B x8 layers", lambda: llama_shapes(8)),
     "llama2": ("LLaMA-7B x2 layers", lambda: llama_shapes(2)),
 }
-
-
-class PerTensorIfSPD(torch.optim.Optimizer):
-    """The paper's reference structure: per tensor, a Python ``if`` on the condition (a host sync)."""
-
-    def __init__(self, params, anchors, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        for p, a in zip(self.param_groups[0]["params"], anchors, strict=True):
-            self.state[p]["pre"] = a
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                grad, pre = p.grad, state["pre"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bc1 = 1 - beta1 ** state["step"]
-                bc2 = 1 - beta2 ** state["step"]
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
-                new_p = p - group["lr"] / bc1 * exp_avg / denom
-                condition = -torch.sum(grad * (p - pre))
-                if condition < 0.0:  # host sync, once per tensor
-                    new_norm = torch.norm(new_p - pre)
-                    ratio = (new_norm - torch.norm(p - pre)) / new_norm
-                    ratio = float(ratio.clamp(0, 1))
-                    new_p = new_p - group["weight_decay"] * ratio * (new_p - pre)
-                p.copy_(new_p)
 
 
 def make_problem(shapes, scenario: str, seed: int = 0, device: str = "cuda"):

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _per_tensor_if import PerTensorIfSPD
 
 from spdecay import AdamSPD
 
@@ -59,43 +60,6 @@ MODELS: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
 }
 
 
-class PerTensorIfSPD(torch.optim.Optimizer):
-    """The paper's reference structure: per tensor, a Python ``if`` on the condition (a host
-    read per tensor) and the reference's state: moments, the anchor and an unused
-    parameter-sized buffer."""
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["unused"] = torch.zeros_like(p)
-                    state["pre"] = p.clone()
-                state["step"] += 1
-                grad, pre = p.grad, state["pre"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bc1 = 1 - beta1 ** state["step"]
-                bc2 = 1 - beta2 ** state["step"]
-                denom = (exp_avg_sq.sqrt() / bc2**0.5).add_(group["eps"])
-                new_p = p - group["lr"] / bc1 * exp_avg / denom
-                condition = -torch.sum(grad * (p - pre))
-                if condition < 0.0:  # the host read, once per tensor
-                    new_norm = torch.norm(new_p - pre)
-                    ratio = ((new_norm - torch.norm(p - pre)) / new_norm).clamp(0, 1)
-                    new_p = new_p - group["weight_decay"] * ratio * (new_p - pre)
-                p.copy_(new_p)
-
-
 def optimizers(with_single: bool) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
     out: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
         "AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
@@ -105,7 +69,7 @@ def optimizers(with_single: bool) -> dict[str, Callable[[list[torch.Tensor]], to
     }
     if with_single:
         out["AdamSPD(foreach=False)"] = lambda ps: AdamSPD(ps, lr=1e-4, foreach=False)
-    out["per-tensor if (reference)"] = lambda ps: PerTensorIfSPD(ps, lr=1e-4)
+    out["per-tensor if (reference)"] = lambda ps: PerTensorIfSPD(ps, lr=1e-4, reference_memory=True)
     return out
 
 
@@ -166,7 +130,7 @@ def memory_rows() -> list[tuple[str, float]]:
         out.append((name, state_multiple(opt, params)))
     ref = [torch.randn(64, 64, requires_grad=True)]
     ref[0].grad = torch.randn_like(ref[0])
-    opt = PerTensorIfSPD(ref)
+    opt = PerTensorIfSPD(ref, reference_memory=True)
     opt.step()
     out.append(("reference structure", state_multiple(opt, ref)))
     return out

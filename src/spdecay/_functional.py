@@ -518,7 +518,8 @@ def _flat_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
         return torch._C._nn.flatten_dense_tensors(ts).to(dtype)
 
     def scatter(dst: list[Tensor], src: Tensor) -> None:
-        torch._foreach_copy_([t.view(-1) for t in dst], list(src.split(sizes)))
+        # one C++ call makes the shaped views (a Python view per tensor costs more than the copy)
+        torch._foreach_copy_(dst, torch._C._nn.unflatten_dense_tensors(src, dst))
 
     def segment_sum(x: Tensor) -> Tensor:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
