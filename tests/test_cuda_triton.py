@@ -495,5 +495,8 @@ def test_class_state_dtype_fp32_moments_and_bf16_anchors_on_triton():
     assert state["exp_avg"].dtype == torch.float32 and state["anchor"].dtype == torch.bfloat16
     assert any(fired)
     for p, q in zip(params, twins, strict=True):
-        # both compute in fp32 from fp32 moments; the roundings to bf16 may differ by an ulp
-        torch.testing.assert_close(p.float(), q.float(), rtol=1.6e-2, atol=1e-3)
+        # Both compute in fp32 from fp32 moments; their roundings to bf16 (after the Adam step
+        # and the projection) may differ by an ulp now and then, which later steps carry on.
+        ulp = 2.0 ** -7 * q.float().abs().clamp_min(1e-2)  # about one bf16 ulp
+        diff = (p.float() - q.float()).abs()
+        assert bool((diff <= 4 * ulp).all()) and float(diff.mean()) <= float(ulp.mean())

@@ -16,8 +16,7 @@ tensors, on the parameters' device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, overload
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,38 +25,11 @@ from spdecay._sharding import is_dtensor, reduce_partial_sums, to_local
 
 
 class SPDStepStats(NamedTuple):
-    """Per-parameter results of one SPD step (sequences of 0-d tensors, one per parameter)."""
+    """Per-parameter results of one SPD step (lists of 0-d tensors, one entry per parameter)."""
 
-    fired: Sequence[Tensor]  # c < 0: the layer's progress pointed back towards its anchor
-    ratio: Sequence[Tensor]  # the ratio r that was applied (0 where the condition did not fire)
-    deviation: Sequence[Tensor]  # ||p - p0|| before the step
-
-
-class StatColumn(Sequence[Tensor]):
-    """One column of :class:`SPDStepStats` backed by one vector: entry ``i`` is the 0-d view
-    ``values[positions[i]]``, made when read (thousands of per-step 0-d tensors cost
-    milliseconds on the host)."""
-
-    __slots__ = ("values", "positions")
-
-    def __init__(self, values: Tensor, positions: list[int]) -> None:
-        self.values = values
-        self.positions = positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    @overload
-    def __getitem__(self, i: int) -> Tensor: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Tensor]: ...
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.values[k] for k in self.positions[i]]
-        return self.values[self.positions[i]]
-
-    def __repr__(self) -> str:
-        return f"StatColumn({self.values[self.positions].tolist()})"
+    fired: list[Tensor]  # c < 0: the layer's progress pointed back towards its anchor
+    ratio: list[Tensor]  # the ratio r that was applied (0 where the condition did not fire)
+    deviation: list[Tensor]  # ||p - p0|| before the step
 
 
 def _coefficient_dtype(device: torch.device) -> torch.dtype:
@@ -301,10 +273,11 @@ def _two_phase_adam_spd(
         finish(coef[start : start + n])
         start += n
     deviation = sums[1].clamp_min(0).sqrt()
-    positions = [0] * len(params)
+    positions = [0] * len(params)  # where tensor i's sums are (partitions reorder them)
     for k, i in enumerate(order):
         positions[i] = k
-    return SPDStepStats(*(StatColumn(col, positions) for col in (fired, ratio, deviation)))
+    columns = [col.unbind() for col in (fired, ratio, deviation)]
+    return SPDStepStats(*([col[k] for k in positions] for col in columns))
 
 
 def _partition(
@@ -518,8 +491,7 @@ def _flat_phase1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
         return torch._C._nn.flatten_dense_tensors(ts).to(dtype)
 
     def scatter(dst: list[Tensor], src: Tensor) -> None:
-        # one C++ call makes the shaped views (a Python view per tensor costs more than the copy)
-        torch._foreach_copy_(dst, torch._C._nn.unflatten_dense_tensors(src, dst))
+        torch._foreach_copy_([t.view(-1) for t in dst], list(src.split(sizes)))
 
     def segment_sum(x: Tensor) -> Tensor:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
