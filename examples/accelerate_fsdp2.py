@@ -72,20 +72,27 @@ def main(argv: list[str] | None = None) -> float | None:
     opt = make_optimizer(model)  # built on the full model; accelerate swaps its parameters
     model, opt = accelerator.prepare(model, opt)
     rank, world = accelerator.process_index, accelerator.num_processes
+    inner = opt.optimizer  # accelerate's AcceleratedOptimizer wraps our AdamSPD
+    fired = 0  # becomes a device tensor: no host sync per step
     for t in range(args.steps):
         opt.zero_grad()
         x, y = batch(t, rank, world)
         accelerator.backward(F.cross_entropy(model(x.to(accelerator.device)), y.to(accelerator.device)))
         opt.step()
+        fired = fired + inner.spd_stats().fired.sum()  # SPD decisions that fired, all steps
     full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
             for n, p in model.named_parameters()}
-    # The anchors were captured at the first step from the sharded parameters accelerate put
-    # into the optimizer: gathered, they are the initial weights.
-    inner = opt.optimizer
+    # accelerate swapped the optimizer's parameters for the model's sharded ones; the anchors
+    # were captured at the first step from those: gathered, they are the initial weights.
+    swapped = {id(p) for g in inner.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters()}
     anchors = {n: inner.state[p]["anchor"] for n, p in model.named_parameters()
                if "anchor" in inner.state[p]}
+    params = dict(model.named_parameters())
+    sharded_alike = all(getattr(a, "placements", None) == getattr(params[n], "placements", None)
+                        for n, a in anchors.items())
     anchors = {n: (a.full_tensor() if hasattr(a, "full_tensor") else a).cpu() for n, a in anchors.items()}
-    fired = inner.spd_stats().fired.float().mean().item()
+    diff = None
     if accelerator.is_main_process:
         init = dict(tiny_model().named_parameters())
         anchor_diff = max((a - init[n.removeprefix("module.")]).abs().max().item()
@@ -94,11 +101,15 @@ def main(argv: list[str] | None = None) -> float | None:
         diff = max((full[n.removeprefix("module.")] - ref[n.removeprefix("module.")]).abs().max().item()
                    for n in full)
         kind = type(next(model.parameters())).__name__
-        print(f"{world} processes, {kind} parameters, {len(anchors)} anchors (max |anchor - "
-              f"initial| {anchor_diff:.3g}), last step fired {fired:.2f}; max |difference| to "
-              f"one process: {diff:.3g}")
-        return diff
-    return None
+        print(f"{world} processes, {kind} parameters, optimizer swapped: {swapped}, "
+              f"{len(anchors)} anchors (sharded alike: {sharded_alike}, max |anchor - "
+              f"initial| {anchor_diff:.3g}), SPD fired "
+              f"{int(fired)} times; max |difference| to one process: {diff:.3g}")
+    # Tear the process group down on every rank, after rank 0 is done: a rank that exits with
+    # gloo still up can abort ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group
+    return diff
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
+from transformers import TrainerCallback  # noqa: E402
+
 from spdecay import AdamSPD, param_groups  # noqa: E402
 
 STEPS, LOG_EVERY, N, LR = 6, 3, 16, 5e-3
@@ -25,6 +27,26 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: two intra-op threads on a busy 2-core machine make each step ~15x slower.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Recorder(TrainerCallback):
+    """Stands for a report_to integration (tensorboard, wandb): those are registered when the
+    Trainer is built, before add_spd_stats, and read the `logs` dict in on_log."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append({**logs, "step": state.global_step})
 
 
 def manual_run(model, data, steps, lr=LR):
@@ -51,12 +73,14 @@ def manual_run(model, data, steps, lr=LR):
     return fired, deviation
 
 
-def check_against_manual(make_model, tmp_path, lr=LR):
+def check_against_manual(make_model, tmp_path, lr=LR, ready_groups=False):
     hf = importlib.import_module("hf_trainer")
     data = hf.random_dataset(N)
     model = make_model()
+    reporter = Recorder()
     trainer = hf.make_trainer(model, data, str(tmp_path), steps=STEPS, batch_size=N, lr=lr,
-                              logging_steps=LOG_EVERY)
+                              logging_steps=LOG_EVERY, callbacks=[reporter],
+                              groups=param_groups(model) if ready_groups else None)
     trainer.train()
     twin = make_model()
     fired, deviation = manual_run(twin, data, STEPS, lr)
@@ -75,6 +99,11 @@ def check_against_manual(make_model, tmp_path, lr=LR):
         assert row["spd/deviation"] == pytest.approx(deviation[row["step"] - 1], rel=1e-6)
         assert 0.0 <= row["spd/mean_ratio"] <= 1.0
     assert any(lo > 0 for lo, _ in fired)
+    # what a reporting integration receives: the same values at the same steps
+    reported = [{k: v for k, v in row.items() if k.startswith("spd/") or k == "step"}
+                for row in reporter.seen if "spd/mean_ratio" in row]
+    assert reported == [{k: v for k, v in row.items() if k.startswith("spd/") or k == "step"}
+                        for row in logs]
     return trainer, diff
 
 
@@ -91,6 +120,49 @@ def test_trainer_with_adam_spd_factory_matches_plain_loop(tmp_path, float64):
     init = hf.tiny_bert()
     for name, p in zip(by_name["backbone"]["param_names"], by_name["backbone"]["params"]):
         assert torch.equal(opt.state[p]["anchor"], init.get_parameter(name))
+
+
+def test_trainer_with_ready_param_groups_matches_plain_loop(tmp_path, float64):
+    # optimizer_cls_and_kwargs=(AdamSPD, {"params": param_groups(model), ...}): one process
+    hf = importlib.import_module("hf_trainer")
+    trainer, _ = check_against_manual(hf.tiny_bert, tmp_path, ready_groups=True)
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, AdamSPD)
+    assert [g["name"] for g in opt.param_groups] == [g["name"] for g in param_groups(hf.tiny_bert())]
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in trainer.model.parameters()}
+
+
+def test_factory_groups_head_and_no_decay_params():
+    from spdecay.integrations.hf import AdamSPDFactory
+
+    hf = importlib.import_module("hf_trainer")
+    model = hf.tiny_bert()
+    opt = AdamSPDFactory()(model, no_decay="auto", lr=1e-4, head_weight_decay=0.01, eps=1e-7)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert set(by_name) == {"backbone", "no_decay", "head"}
+    assert by_name["backbone"]["spd"] and by_name["backbone"]["weight_decay"] == 1.0
+    no_decay = by_name["no_decay"]
+    assert not no_decay["spd"] and no_decay["weight_decay"] == 0.0
+    assert no_decay["param_names"] and all(
+        n.endswith(".bias") or "LayerNorm" in n for n in no_decay["param_names"])
+    assert set(by_name["head"]["param_names"]) == {"classifier.weight"}  # its bias: no_decay
+    assert not by_name["head"]["spd"] and by_name["head"]["weight_decay"] == 0.01
+    assert all(g["lr"] == 1e-4 and g["eps"] == 1e-7 for g in opt.param_groups)
+    names = [n for g in opt.param_groups for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_model_from_a_local_folder(tmp_path):
+    hf = importlib.import_module("hf_trainer")
+    saved = hf.tiny_bert(seed=3)
+    saved.save_pretrained(tmp_path)
+    loaded = hf.load_model(str(tmp_path), seed=3)
+    assert type(loaded).__name__ == "BertForSequenceClassification"
+    want = dict(saved.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in loaded.named_parameters())
+    with pytest.raises(OSError):  # a missing folder is not looked up on the hub
+        hf.load_model(str(tmp_path / "missing"))
 
 
 def test_trainer_with_peft_lora_anchors_adapters_at_zero(tmp_path, float64):

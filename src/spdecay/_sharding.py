@@ -60,29 +60,38 @@ def reduce_partial_sums(sums: Tensor, params: Sequence[Tensor]) -> Tensor:
     return _reduce(sums, plan)
 
 
+# One collective: (mesh and mesh dimension whose group it runs on, or None for the default group;
+# per-column weight [n]; the columns it updates, None for all). The group is looked up at each
+# call, never stored: a cached ProcessGroup would outlive destroy_process_group and be freed only
+# at interpreter exit, where gloo can abort ("terminate called without an active exception").
+_Step = tuple[Any, int, Tensor, Tensor | None]
+
+
 class _Plan:
     """How to reduce the columns of one layout (cached: the same every step)."""
 
     __slots__ = ("steps", "local")
 
-    def __init__(self, steps: list[tuple[Any, Tensor, Tensor | None]], local: Tensor | None):
-        # Per collective: (process group, None for the default one; per-column weight [n];
-        # columns it updates, None for all).
+    def __init__(self, steps: list[_Step], local: Tensor | None):
         self.steps = steps
         # Columns whose local value is already whole (plain or fully replicated), or None.
         self.local = local
 
 
-_PLAN_CACHE: dict[tuple, _Plan | None] = {}
+# Keyed by mesh *identity*: DeviceMesh equality ignores the process group, so an equal mesh
+# built on another group (DeviceMesh.from_group, or after destroy/init_process_group) must not
+# reuse a plan made for the old one. Each entry keeps its meshes alive, so ids are not reused.
+_PLAN_CACHE: dict[tuple, tuple[tuple, _Plan | None]] = {}
 
 
 def _plan(params: Sequence[Tensor], device: torch.device) -> _Plan | None:
-    key = (device, tuple((p.device_mesh, p.placements) if is_dtensor(p) else None for p in params))
+    layout = tuple((p.device_mesh, p.placements) if is_dtensor(p) else None for p in params)
+    key = (device, tuple(None if e is None else (id(e[0]), e[1]) for e in layout))
     if key not in _PLAN_CACHE:
         if len(_PLAN_CACHE) > 64:
             _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = _build_plan(key[1], device)
-    return _PLAN_CACHE[key]
+        _PLAN_CACHE[key] = (layout, _build_plan(layout, device))
+    return _PLAN_CACHE[key][1]
 
 
 def _is_shard(placement: Any) -> bool:
@@ -112,11 +121,11 @@ def _build_plan(layout: tuple, device: torch.device) -> _Plan | None:
         return torch.tensor(values, dtype=dtype, device=device)  # once per layout, not per step
 
     meshes = list(dict.fromkeys(e[0] for e, w in zip(layout, whole) if not w))
-    steps: list[tuple[Any, Tensor, Tensor | None]] = []
+    steps: list[_Step] = []
     if len(meshes) == 1 and meshes[0].ndim == 1:
         # The common FSDP2 case: one 1-D mesh (its group may be a sub-group of the world).
         if meshes[0].get_coordinate() is not None:
-            steps.append((meshes[0].get_group(0), vec([float(not w) for w in whole]), None))
+            steps.append((meshes[0], 0, vec([float(not w) for w in whole]), None))
     elif all(m.size() == dist.get_world_size() for m in meshes):
         # Meshes spanning the world (HSDP, FSDP + TP, several meshes): one collective over the
         # default group. A column enters from every rank along its sharded mesh dimensions and
@@ -128,7 +137,7 @@ def _build_plan(layout: tuple, device: torch.device) -> _Plan | None:
                 _is_shard(pl) or c == 0 for pl, c in zip(e[1], coord)
             )
             weight.append(1.0 if keep else 0.0)
-        steps.append((None, vec(weight), None))
+        steps.append((None, 0, vec(weight), None))
     else:
         # Sub-world multi-dimensional meshes (e.g. one per pipeline stage): one collective per
         # mesh dimension that shards something, applied in sequence to the running sums.
@@ -144,7 +153,7 @@ def _build_plan(layout: tuple, device: torch.device) -> _Plan | None:
                     float(m and (_is_shard(e[1][dim]) or coord[dim] == 0))
                     for m, e in zip(mine, layout)
                 ]
-                steps.append((mesh.get_group(dim), vec(weight), vec(mine)))
+                steps.append((mesh, dim, vec(weight), vec(mine)))
     return _Plan(steps, vec(whole) if any(whole) else None)
 
 
@@ -155,8 +164,9 @@ def _reduce(sums: Tensor, plan: _Plan) -> Tensor:
     # same bits, so every rank takes the same decision.
     acc = sums.to(torch.float64)
     out = acc
-    for group, weight, columns in plan.steps:
+    for mesh, dim, weight, columns in plan.steps:
         reduced = out * weight
+        group = None if mesh is None else mesh.get_group(dim)
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
         out = reduced if columns is None else torch.where(columns, reduced, out)
     if plan.local is not None:

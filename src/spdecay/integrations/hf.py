@@ -20,7 +20,8 @@ to parameters that were swapped out. Keys of :func:`spdecay.param_groups` (``hea
 grouping; everything else to :class:`spdecay.AdamSPD`. The anchors are captured at each
 parameter's first step (the pre-trained weights; after any sharding).
 
-Passing ready groups also works on one process or DDP:
+The factory needs a transformers whose Trainer accepts optimizer factories (tested with 5.24).
+Passing ready groups also works, on one process or DDP only (FSDP2 replaces the parameters):
 ``Trainer(..., optimizer_cls_and_kwargs=(AdamSPD, {"params": param_groups(model), "lr": 2e-5}))``.
 """
 
