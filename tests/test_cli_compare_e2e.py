@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,11 @@ def _check_run_folder(out: Path, optimizers: list[str], ood_names: set[str], tab
                  "id_vs_ood.png", "layer_deviation.png", "spd_fired.png"):
         assert (out / name).is_file(), name
     assert (out / "id_vs_ood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list((out / "checkpoints").iterdir())  # finished runs leave no checkpoint behind
+    assert not (out / "checkpoints").exists()  # finished runs leave no checkpoint behind
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.jsonl", "report.md"):  # ordinary files, not mkstemp's private 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
     records = read_records(out / "results.jsonl")
     assert [r["optimizer"] for r in records] == optimizers
     with open(out / "results.csv") as f:

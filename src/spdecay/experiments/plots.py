@@ -83,6 +83,8 @@ def plot_id_vs_ood(records: list[dict], path: Path) -> None:
 def _layer_axis(ax, names: list[str]) -> None:
     step = max(1, len(names) // 14)
     ticks = list(range(0, len(names), step))
+    if names and ticks[-1] != len(names) - 1:
+        ticks.append(len(names) - 1)  # label the last layer too (e.g. BERT's pooler, next to the head)
     ax.set_xticks(ticks)
     ax.set_xticklabels([short_name(names[i]) for i in ticks], rotation=60, ha="right", fontsize=6)
     ax.set_xlim(-0.5, len(names) - 0.5)
@@ -130,7 +132,8 @@ def plot_spd_fired(records: list[dict], path: Path) -> None:
     if chosen:
         ax.set_ylim(0, 1)
         ax.set_ylabel("fraction of steps SPD fired")
-        ax.set_title("Selective: how often SPD's condition ⟨g, θ−θ₀⟩ > 0 held, per weight matrix", fontsize=9)
+        ax.set_title("Selective: how often SPD's condition ⟨g, θ−θ₀⟩ > 0 held, per weight matrix "
+                     "(chosen setting, first seed)", fontsize=9)
         _layer_axis(ax, names)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)

@@ -100,6 +100,8 @@ def run_compare(
                 f"test {record['test']['accuracy']:.3f} ood {record.get('ood_mean_accuracy', float('nan')):.3f} "
                 f"({record['wall_time_s']:.0f} s)"
             )
+        if not any(ckpt_dir.iterdir()):  # every run finished: nothing left to resume from
+            ckpt_dir.rmdir()
     # Report on the planned runs only (a stored config fixes the plan).
     planned = {s.run_id for s in specs}
     records = [r for r in records if r["run_id"] in planned]
