@@ -499,4 +499,6 @@ def test_class_state_dtype_fp32_moments_and_bf16_anchors_on_triton():
         # and the projection) may differ by an ulp now and then, which later steps carry on.
         ulp = 2.0 ** -7 * q.float().abs().clamp_min(1e-2)  # about one bf16 ulp
         diff = (p.float() - q.float()).abs()
-        assert bool((diff <= 4 * ulp).all()) and float(diff.mean()) <= float(ulp.mean())
+        worst = float((diff / ulp).max())
+        assert worst <= 8 and float(diff.mean()) <= float(ulp.mean()), (
+            worst, float(diff.mean()), float(ulp.mean()), float((diff > ulp).float().mean()))
