@@ -337,14 +337,16 @@ def check_adam_spd_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
     finally:
         SF._sliced_phase1 = real_sliced
     # The naive per-shard rule (no reduction) must visibly differ: the test can fail.
+    import spdecay.adam_spd as SA  # AdamSPD.step reduces the sums of all its groups itself
+
     real = SF.reduce_partial_sums
-    SF.reduce_partial_sums = lambda sums, params: sums
+    SF.reduce_partial_sums = SA.reduce_partial_sums = lambda sums, params: sums
     try:
         model, opt, _ = run_fsdp2(adam_spd, rank, world)
         res["naive_fsdp2"] = max_diff(full_params(model), ref[STEPS])
         res["naive_fsdp2_ranks_agree"] = _agree(opt.spd_stats().fired.tolist())
     finally:
-        SF.reduce_partial_sums = real
+        SF.reduce_partial_sums = SA.reduce_partial_sums = real
     return res
 
 

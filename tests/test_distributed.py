@@ -74,10 +74,10 @@ def _check_trajectories(res: dict) -> None:
            "addon_fsdp2", "addon_fsdp2_fused", "ddp", "addon_ddp")
     assert res["fsdp2_ranks_agree"] and res["addon_fsdp2_ranks_agree"]
     assert res["fsdp2_fused_ranks_agree"] and res["addon_fsdp2_fused_ranks_agree"]
-    # One batched all-reduce per SPD param group per step, whatever the number of tensors (two
-    # SPD groups here: backbone, adapter); the add-on needs one before and one after the base
-    # step, per (dtype, anchor kind) bucket (two buckets). DDP needs none.
-    assert res["fsdp2_collectives_per_step"] == 2
+    # One batched all-reduce per step for all tensors of all SPD param groups (two here:
+    # backbone, adapter); the add-on needs one before and one after the base step, per
+    # (dtype, anchor kind) bucket (two buckets). DDP needs none.
+    assert res["fsdp2_collectives_per_step"] == 1
     assert res["addon_fsdp2_collectives_per_step"] == 4
     assert res["ddp_spd_collectives"] == 0 and res["addon_ddp_spd_collectives"] == 0
     # anchors live in the per-parameter state, sharded exactly like their parameters

@@ -235,18 +235,37 @@ def _multi_tensor_phase1(params: list[Tensor], anchors: list[Tensor | None], i: 
     return _sliced_phase1 if params[i].device.type == "cpu" else _foreach_phase1
 
 
-def _two_phase_adam_spd(
+class PhaseOne(NamedTuple):
+    """A step halfway: Adam applied, the per-tensor partial sums [3, n] (local, float64, in the
+    order of ``reduced``) not yet reduced over shards, the projections still to run."""
+
+    n: int  # number of parameters of the call
+    order: list[int]  # parameter index of each column of ``sums``
+    reduced: list[Tensor]  # the parameters in column order (for reduce_partial_sums)
+    sums: Tensor
+    finishers: list  # (projection, number of columns) per partition
+    weight_decay: float
+
+
+def multi_tensor_phase_one(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                           anchors, **hyper) -> PhaseOne | None:
+    """Phase 1 of the multi-tensor path (AdamSPD batches the reduction of all its groups)."""
+    return _phase_one(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                      anchors, _multi_tensor_phase1, **hyper)
+
+
+def _phase_one(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, choose_phase1,
     *, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, spd, fused: list | None = None,
-) -> SPDStepStats | None:
-    """Run phase 1 per partition (``choose_phase1`` picks its implementation), reduce the sums of
-    all tensors together, decide, and run each partition's phase 2 (the projection).
+) -> PhaseOne | None:
+    """Run phase 1 per partition (``choose_phase1`` picks its implementation); None where there
+    is nothing to project (``spd=False``, or no parameters).
 
     ``fused[i]``, where not None, is the partition key of a tensor a fused kernel takes: such
     tensors form partitions of their own, small and large ones together (the kernel has no use
     for the flat gather)."""
     if not params:
-        return SPDStepStats([], [], []) if spd else None
+        return None
     if not amsgrad:
         max_exp_avg_sqs = [None] * len(params)
     if not spd:
@@ -266,18 +285,36 @@ def _two_phase_adam_spd(
             finishers.append((finish, len(idx)))
     if not spd:
         return None
-    sums = reduce_partial_sums(torch.cat(sums_parts, dim=1), [params[i] for i in order])
-    fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[1] + sums[2], weight_decay, growth=sums[2])
+    return PhaseOne(len(params), order, [params[i] for i in order], torch.cat(sums_parts, dim=1),
+                    finishers, weight_decay)
+
+
+def phase_two(one: PhaseOne, sums: Tensor) -> SPDStepStats:
+    """Decide on the reduced sums (columns as ``one.sums``) and project; per-parameter stats."""
+    fired, ratio, coef = spd_ratio(sums[0], sums[1], sums[1] + sums[2], one.weight_decay,
+                                   growth=sums[2])
     start = 0
-    for finish, n in finishers:
+    for finish, n in one.finishers:
         finish(coef[start : start + n])
         start += n
     deviation = sums[1].clamp_min(0).sqrt()
-    positions = [0] * len(params)  # where tensor i's sums are (partitions reorder them)
-    for k, i in enumerate(order):
+    positions = [0] * one.n  # where tensor i's sums are (partitions reorder them)
+    for k, i in enumerate(one.order):
         positions[i] = k
     columns = [col.unbind() for col in (fired, ratio, deviation)]
     return SPDStepStats(*([col[k] for k in positions] for col in columns))
+
+
+def _two_phase_adam_spd(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, choose_phase1,
+    *, spd, **hyper,
+) -> SPDStepStats | None:
+    """Phase 1, one reduction of the sums of all tensors over their shards, phase 2."""
+    one = _phase_one(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
+                     choose_phase1, spd=spd, **hyper)
+    if one is None:
+        return SPDStepStats([], [], []) if spd else None
+    return phase_two(one, reduce_partial_sums(one.sums, one.reduced))
 
 
 def _partition(

@@ -29,11 +29,13 @@ import torch
 from torch import Tensor
 
 from spdecay._functional import (
+    PhaseOne,
     SPDStepStats,
     _multi_tensor_phase1,
-    _two_phase_adam_spd,
+    _phase_one,
+    phase_two,
 )
-from spdecay._sharding import is_dtensor, to_local
+from spdecay._sharding import is_dtensor, reduce_partial_sums, to_local
 
 _HERE = Path(__file__).parent
 _SOURCES = ("_fused_cpu.c", "_fused_cpu_kernel.h")
@@ -302,6 +304,19 @@ def fused_adam_spd(
     capturable: bool = False,
 ) -> SPDStepStats | None:
     """Fused CPU path, same signature and semantics as ``_single_tensor_adam_spd``."""
+    one = fused_phase_one(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        maximize=maximize, spd=spd,
+    )
+    if one is None:
+        return SPDStepStats([], [], []) if spd else None
+    return phase_two(one, reduce_partial_sums(one.sums, one.reduced))
+
+
+def fused_phase_one(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
+                    *, amsgrad, spd, **hyper) -> PhaseOne | None:
+    """Phase 1 of the fused path (AdamSPD batches the reduction of all its groups)."""
     if any(p.device.type != "cpu" for p in params):
         raise ValueError("fused_adam_spd: the fused CPU kernel needs CPU tensors (CUDA uses Triton)")
     library()  # build (or load) first: a missing compiler is reported before any state changes
@@ -313,8 +328,7 @@ def fused_adam_spd(
     def choose(ps: list[Tensor], anchors_: list[Tensor | None], i: int, small: bool):
         return _fused_phase1 if keys[i] is not None else _multi_tensor_phase1(ps, anchors_, i, small)
 
-    return _two_phase_adam_spd(
+    return _phase_one(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, choose,
-        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-        maximize=maximize, spd=spd, fused=keys,
+        amsgrad=amsgrad, spd=spd, fused=keys, **hyper,
     )

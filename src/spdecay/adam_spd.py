@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from spdecay._functional import SPDStepStats, adam_spd
+from spdecay._functional import (
+    PhaseOne,
+    SPDStepStats,
+    adam_spd,
+    multi_tensor_phase_one,
+    phase_two,
+)
+from spdecay._sharding import reduce_partial_sums
 from spdecay.stats import SPDStats
 
 _ANCHOR_MODES = ("init", "zero")
@@ -198,6 +205,9 @@ class AdamSPD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # SPD groups on the multi-tensor and fused CPU paths stop after phase 1, so that the
+        # partial sums of all their tensors are reduced over shards in one collective per step.
+        halfway: list[tuple[list[Tensor], PhaseOne]] = []
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors = (
                 [] for _ in range(7)
@@ -209,30 +219,41 @@ class AdamSPD(Optimizer):
                 continue
             beta1, beta2 = group["betas"]
             foreach, fused = _choose_path(group, params)
-            stats = adam_spd(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                steps,
-                anchors if _uses_anchor(group) else [None] * len(params),
-                foreach=foreach,
-                fused=fused,
-                amsgrad=group["amsgrad"],
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                spd=group["spd"],
-                capturable=group["capturable"],
-            )
-            if stats is not None:  # read back by spd_stats(); no per-tensor work here
-                for i, p in enumerate(params):
-                    self._spd_last[p] = (stats, i)
+            lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                     anchors if _uses_anchor(group) else [None] * len(params))
+            hyper = dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                         weight_decay=group["weight_decay"], eps=group["eps"],
+                         maximize=group["maximize"], spd=group["spd"])
+            phase_one = _phase_one_of(foreach, fused, params) if group["spd"] else None
+            if phase_one is not None:
+                one = phase_one(*lists, **hyper)
+                if one is not None:
+                    halfway.append((params, one))
+                continue
+            stats = adam_spd(*lists, foreach=foreach, fused=fused,
+                             capturable=group["capturable"], **hyper)
+            self._record(params, stats)
+        if halfway:
+            self._finish(halfway)
         return loss
+
+    def _finish(self, halfway: list[tuple[list[Tensor], PhaseOne]]) -> None:
+        by_device: dict[torch.device, list[tuple[list[Tensor], PhaseOne]]] = {}
+        for item in halfway:
+            by_device.setdefault(item[1].sums.device, []).append(item)
+        for items in by_device.values():
+            sums = torch.cat([one.sums for _, one in items], dim=1)
+            sums = reduce_partial_sums(sums, [p for _, one in items for p in one.reduced])
+            start = 0
+            for params, one in items:
+                width = one.sums.shape[1]
+                self._record(params, phase_two(one, sums[:, start : start + width]))
+                start += width
+
+    def _record(self, params: list[Tensor], stats: SPDStepStats | None) -> None:
+        if stats is not None:  # read back by spd_stats(); no per-tensor work here
+            for i, p in enumerate(params):
+                self._spd_last[p] = (stats, i)
 
     def spd_stats(self) -> SPDStats:
         """Per-tensor results of the last step that updated each SPD parameter (no host sync)."""
@@ -273,6 +294,18 @@ def _choose_path(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, boo
     if foreach is None:  # multi-tensor by default whenever all tensors share one device
         foreach = len({p.device for p in params}) == 1
     return bool(foreach), False
+
+
+def _phase_one_of(foreach: bool, fused: bool, params: list[Tensor]):
+    """The phase-1 function of a path that can defer its reduction, else None (the
+    single-tensor reference path and the Triton kernels finish each call themselves)."""
+    if fused and not params[0].is_cuda:
+        from spdecay._fused_cpu import fused_phase_one
+
+        return fused_phase_one
+    if foreach and not fused:
+        return multi_tensor_phase_one
+    return None
 
 
 def _check_hyperparameters(**values: Any) -> None:
