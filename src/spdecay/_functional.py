@@ -37,6 +37,10 @@ def _coefficient_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
 def _as_real(tensors: list[Tensor | None]) -> list[Tensor | None]:
     return [torch.view_as_real(t) if t is not None and torch.is_complex(t) else t for t in tensors]
 
@@ -221,11 +225,12 @@ def _multi_tensor_adam_spd(
     anchor kind and size class); the sums of all tensors are then reduced together (one
     collective per step for sharded tensors) and phase 2 projects.
     """
-    return _two_phase_adam_spd(
+    one = multi_tensor_phase_one(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
-        _multi_tensor_phase1, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
-        weight_decay=weight_decay, eps=eps, maximize=maximize, spd=spd,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        maximize=maximize, spd=spd,
     )
+    return finish_alone(one, spd)
 
 
 def _multi_tensor_phase1(params: list[Tensor], anchors: list[Tensor | None], i: int, small: bool):
@@ -305,13 +310,8 @@ def phase_two(one: PhaseOne, sums: Tensor) -> SPDStepStats:
     return SPDStepStats(*([col[k] for k in positions] for col in columns))
 
 
-def _two_phase_adam_spd(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, choose_phase1,
-    *, spd, **hyper,
-) -> SPDStepStats | None:
-    """Phase 1, one reduction of the sums of all tensors over their shards, phase 2."""
-    one = _phase_one(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
-                     choose_phase1, spd=spd, **hyper)
+def finish_alone(one: PhaseOne | None, spd: bool) -> SPDStepStats | None:
+    """Phase 2 of one call on its own: reduce its sums over shards, decide and project."""
     if one is None:
         return SPDStepStats([], [], []) if spd else None
     return phase_two(one, reduce_partial_sums(one.sums, one.reduced))

@@ -33,9 +33,10 @@ from spdecay._functional import (
     SPDStepStats,
     _multi_tensor_phase1,
     _phase_one,
-    phase_two,
+    _real_dtype,
+    finish_alone,
 )
-from spdecay._sharding import is_dtensor, reduce_partial_sums, to_local
+from spdecay._sharding import is_dtensor, to_local
 
 _HERE = Path(__file__).parent
 _SOURCES = ("_fused_cpu.c", "_fused_cpu_kernel.h")
@@ -133,10 +134,6 @@ def library() -> ctypes.CDLL:
             fn.argtypes = [ctypes.POINTER(_SpdCall)]
             fn.restype = ctypes.c_int
     return lib
-
-
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype.to_real() if dtype.is_complex else dtype
 
 
 def _anchor_kind(p_dtype: torch.dtype, anchor: Tensor | None) -> int | None:
@@ -309,9 +306,7 @@ def fused_adam_spd(
         amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
         maximize=maximize, spd=spd,
     )
-    if one is None:
-        return SPDStepStats([], [], []) if spd else None
-    return phase_two(one, reduce_partial_sums(one.sums, one.reduced))
+    return finish_alone(one, spd)
 
 
 def fused_phase_one(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,

@@ -28,6 +28,7 @@ from spdecay._functional import (
     _deviations,
     _dot,
     _foreach_sum_of_products,
+    _real_dtype,
     _slices,
     spd_ratio,
 )
@@ -383,10 +384,6 @@ def _project(params: list[Tensor], anchors: list[Tensor | None], coef: Tensor) -
         else:
             ans = [a.to(p.dtype) for p, a in zip(ps, _local(anchors[sl]), strict=True)]
             torch._foreach_lerp_(ps, ans, list(coefs[sl]))
-
-
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype.to_real() if dtype.is_complex else dtype
 
 
 def _check_lam(v: Any, name: str) -> None:
