@@ -22,17 +22,36 @@ __all__ = ["LPFT"]
 class LPFT:
     """Freeze all but the head for ``lp_steps`` steps, then unfreeze.
 
-    Example::
+    The backbone is frozen as soon as the object is built (unless ``lp_steps`` is 0). Only the
+    backbone parameters that are trainable then are frozen and later unfrozen: parameters frozen
+    on purpose (PEFT base weights) stay frozen.
 
-        lpft = LPFT(model, head="auto", lp_steps=500)   # freezes the backbone now
+    Args:
+        model: the model; its head is found by ``head``.
+        lp_steps: number of optimizer steps that train the head alone (>= 0).
+        head: the task head, as for [`param_groups`][spdecay.param_groups]: ``"auto"`` (a top-level
+            module named like a classifier), name pattern(s) or module(s).
+
+    Raises:
+        ValueError: ``lp_steps`` is not an int >= 0; ``head`` matches nothing, is None, or has
+            no trainable parameter.
+
+    Example:
+        ```python
+        opt = AdamSPD(param_groups(model), lr=1e-4)   # over all parameters, built once
+        lpft = LPFT(model, lp_steps=500, head="auto")  # freezes the backbone now
         for batch in loader:
             loss(model, batch).backward()
-            opt.step(); opt.zero_grad()
-            lpft.step()          # counts optimizer steps; unfreezes after lp_steps of them
+            opt.step()
+            opt.zero_grad()
+            lpft.step()  # counts optimizer steps; unfreezes after lp_steps of them
+        ```
 
-    Call :meth:`step` once per optimizer step. ``state_dict``/``load_state_dict`` resume the
-    phase. Use ``zero_grad(set_to_none=True)`` (torch's default) so frozen parameters have
-    no stale gradients.
+    Call [`step`][spdecay.LPFT.step] once per optimizer step. ``state_dict`` /
+    ``load_state_dict`` resume the phase. Use ``zero_grad(set_to_none=True)`` (torch's default)
+    so frozen parameters have no stale gradients. The optimizer creates no state for frozen
+    parameters (they get no gradient), so SPD anchors are captured at their first real step: the
+    pre-trained values.
     """
 
     def __init__(self, model: nn.Module, lp_steps: int, head: HeadSpec = "auto") -> None:
@@ -67,16 +86,23 @@ class LPFT:
         self._frozen = frozen
 
     def step(self) -> str:
-        """Count one optimizer step; unfreeze once ``lp_steps`` are done. Returns the phase."""
+        """Count one optimizer step; unfreeze the backbone once ``lp_steps`` are done.
+
+        Returns:
+            The phase after this step: ``"lp"`` or ``"ft"``.
+        """
         self.steps += 1
         if self._frozen and self.steps >= self.lp_steps:
             self._set_frozen(False)
         return self.phase
 
     def state_dict(self) -> dict[str, Any]:
+        """The phase to checkpoint: ``{"steps": ..., "lp_steps": ...}``."""
         return {"steps": self.steps, "lp_steps": self.lp_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from [`state_dict`][spdecay.LPFT.state_dict]: restores the counts and freezes or unfreezes the
+        backbone to match."""
         self.steps = int(state["steps"])
         self.lp_steps = int(state["lp_steps"])
         self._set_frozen(self.steps < self.lp_steps)

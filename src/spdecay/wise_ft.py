@@ -25,16 +25,34 @@ def interpolate(
 ) -> dict[str, Tensor]:
     """Interpolate two state dicts: ``(1 - alpha) * pretrained + alpha * finetuned``.
 
-    Args:
-        pretrained_state, finetuned_state: ``state_dict()``s of the same architecture.
-        alpha: mixing weight; [0, 1] interpolates, values outside extrapolate.
-        strict: with True (default) the key sets must be equal, else a ValueError lists the
-            differences. With False, keys only in ``finetuned_state`` (a new task head) are
-            taken from it and keys only in ``pretrained_state`` are dropped.
+    Floating (and complex) tensors are mixed in float64 (complex128) on the fine-tuned tensor's
+    device and cast back to the fine-tuned dtype; integer and bool buffers (``position_ids``,
+    ``num_batches_tracked``) are taken from ``finetuned_state``. The inputs are not modified.
 
-    Floating tensors are mixed in float64 and cast back to the fine-tuned dtype; integer and
-    bool buffers (``position_ids``, ``num_batches_tracked``) are taken from ``finetuned_state``.
-    Returns a new dict (the inputs are not modified) suitable for ``model.load_state_dict``.
+    Args:
+        pretrained_state: ``state_dict()`` of the pre-trained model.
+        finetuned_state: ``state_dict()`` of the fine-tuned model (the same architecture).
+        alpha: mixing weight: 0 gives the pre-trained model, 1 the fine-tuned one; values in
+            [0, 1] interpolate, values outside extrapolate.
+        strict: with True (default) the key sets must be equal. With False, keys only in
+            ``finetuned_state`` (a new task head) are taken from it and keys only in
+            ``pretrained_state`` are dropped.
+
+    Returns:
+        A new state dict with the keys of ``finetuned_state``, ready for
+        ``model.load_state_dict``.
+
+    Raises:
+        ValueError: ``alpha`` is not a finite number; the key sets differ under ``strict=True``
+            (the message lists the differences); a tensor's shape differs between the two.
+        TypeError: a state is not a mapping, or one of its values is not a tensor.
+
+    Example:
+        ```python
+        pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+        ...  # fine-tune model
+        model.load_state_dict(interpolate(pretrained, model.state_dict(), alpha=0.5))
+        ```
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
