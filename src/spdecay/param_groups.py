@@ -104,6 +104,20 @@ def resolve_head(model: nn.Module, head: HeadSpec) -> set[str]:
     return _match(names, _as_patterns(head, "head"), "head")  # type: ignore[arg-type]
 
 
+def _auto_head_or_none(model: nn.Module, peft_names: set[str]) -> set[str]:
+    """``head="auto"``: the top-level head module, or no head at all when every trainable
+    parameter is a PEFT adapter (e.g. LoRA on a causal LM: the LM head is pre-trained and
+    frozen, there is no new head to find). Anything else without a recognisable head raises, so
+    a new head is never silently anchored at its random initial value."""
+    try:
+        return resolve_head(model, "auto")
+    except ValueError:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if trainable and trainable <= peft_names:
+            return set()
+        raise
+
+
 def _names_of_modules(model: nn.Module, mods: list[nn.Module]) -> set[str]:
     ids = {id(p) for m in mods for p in m.parameters()}
     out = {n for n, p in model.named_parameters() if id(p) in ids}
@@ -160,7 +174,8 @@ def param_groups(
     Args:
         model: the model (a PEFT-wrapped model works: frozen base weights are skipped).
         head: the new task head: ``"auto"`` (a top-level module named one of
-            :data:`HEAD_NAMES`), name pattern(s), module(s), or None for no head group.
+            :data:`HEAD_NAMES`; no head when every trainable parameter is a PEFT adapter, as
+            for LoRA on a causal LM), name pattern(s), module(s), or None for no head group.
         no_decay: parameters excluded from decay: ``"auto"`` (biases and norm weights, the
             usual convention), name pattern(s), or None (SPD on every backbone tensor, as in
             the paper).
@@ -179,9 +194,10 @@ def param_groups(
     for key, value in (("weight_decay", weight_decay), ("head_weight_decay", head_weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"{key} must be a number >= 0, got {value!r}")
-    head_names = resolve_head(model, head)
+    all_peft = _peft_names(model, peft)
+    head_names = _auto_head_or_none(model, all_peft) if head == "auto" else resolve_head(model, head)
     nd_names = _no_decay_names(model, no_decay)
-    peft_names = _peft_names(model, peft) - head_names
+    peft_names = all_peft - head_names
 
     kinds: dict[str, list[tuple[str, torch.Tensor]]] = {
         "backbone": [], "peft": [], "head": [], "no_decay": []
