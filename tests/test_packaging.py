@@ -77,8 +77,14 @@ def test_wheel_metadata_and_contents(dist):
     assert dist["wheel"].name.startswith(f"spdecay-{version}-")
     assert "License-Expression: MIT" in meta
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    # The fused CPU kernel is compiled from these sources on first use: they must ship.
-    assert {"spdecay/_fused_cpu.c", "spdecay/_fused_cpu_kernel.h"} <= names
+    # The fused CPU kernel is compiled from its C sources on first use: every one must ship.
+    src = ROOT / "src"
+    kernel_sources = {p.relative_to(src).as_posix() for p in src.rglob("*.[ch]")}
+    assert kernel_sources, "no C sources found under src/"
+    assert kernel_sources <= names, sorted(kernel_sources - names)
+    # Every module of the package ships too.
+    modules = {p.relative_to(src).as_posix() for p in (src / "spdecay").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
     # Torch is the only hard dependency; everything heavy is behind an extra.
     hard = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist:") and "extra ==" not in ln]
     assert len(hard) == 1 and hard[0].split(":", 1)[1].strip().startswith("torch"), hard
