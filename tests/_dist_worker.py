@@ -121,7 +121,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int 
 
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    from spdecay._sharding import is_dtensor
+    from spdecay.spd.reduce import is_dtensor
 
     return {
         n: (p.full_tensor() if is_dtensor(p) else p).detach().clone()
@@ -186,7 +186,7 @@ def check_reduce_layouts(rank: int, world: int) -> dict[str, float]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from spdecay._sharding import reduce_partial_sums, to_local
+    from spdecay.spd.reduce import reduce_partial_sums, to_local
 
     g = torch.Generator().manual_seed(7)
     fulls = [torch.randn(s, dtype=torch.float64, generator=g) for s in [(5, 4), (1, 3), (2, 7), (4,)]]
@@ -246,7 +246,7 @@ def _plan_follows_mesh_group(world: int) -> bool:
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from spdecay._sharding import reduce_partial_sums
+    from spdecay.spd.reduce import reduce_partial_sums
 
     full = torch.arange(6.0, dtype=torch.float64)
     groups = []
@@ -272,7 +272,7 @@ def _plan_follows_mesh_group(world: int) -> bool:
 def _plans_hold_no_groups() -> bool:
     """The cached reduction plans must not keep ProcessGroups alive past destroy_process_group:
     torn down at interpreter exit, gloo's threads can abort the process."""
-    import spdecay._sharding as S
+    import spdecay.spd.reduce as S
 
     plans = [plan for _, plan in S._PLAN_CACHE.values() if plan is not None]
     return bool(plans) and not any(
@@ -292,7 +292,7 @@ def _agree(values: Any) -> bool:
 def sharding_facts(model: nn.Module, opt: torch.optim.Optimizer, key: str) -> dict[str, Any]:
     """Anchors are DTensors laid out like their parameters; which tensors have an empty local
     shard on some rank (more ranks than rows)."""
-    from spdecay._sharding import is_dtensor
+    from spdecay.spd.reduce import is_dtensor
 
     alike, count, empty = True, 0, []
     for name, p in model.named_parameters():
@@ -310,7 +310,8 @@ def sharding_facts(model: nn.Module, opt: torch.optim.Optimizer, key: str) -> di
 
 
 def check_adam_spd_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
-    import spdecay._functional as SF
+    import spdecay.spd.backends.foreach as MT
+    import spdecay.spd.driver as D
 
     res: dict[str, Any] = {}
     # multi-tensor path (the default)
@@ -327,49 +328,47 @@ def check_adam_spd_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
     res["fsdp2_fused"] = max_diff(full_params(model), ref[STEPS])
     res["fsdp2_fused_ranks_agree"] = _agree(opt.spd_stats().fired.tolist())
     # the foreach phase 1 that CUDA tensors take, forced on CPU
-    real_sliced = SF._sliced_phase1
-    SF._sliced_phase1 = SF._foreach_phase1
+    real_sliced = MT._walk_in_slices
+    MT._walk_in_slices = lambda device: False
     try:
         model, _, _ = run_fsdp2(adam_spd, rank, world, steps=5)
         res["fsdp2_foreach_phase1"] = max_diff(full_params(model), ref[5])
     except Exception as e:  # recorded so that the report says what breaks
         res["fsdp2_foreach_phase1"] = f"{type(e).__name__}: {e}"[:300]
     finally:
-        SF._sliced_phase1 = real_sliced
+        MT._walk_in_slices = real_sliced
     # The naive per-shard rule (no reduction) must visibly differ: the test can fail.
-    import spdecay.adam_spd as SA  # AdamSPD.step reduces the sums of all its groups itself
-
-    real = SF.reduce_partial_sums
-    SF.reduce_partial_sums = SA.reduce_partial_sums = lambda sums, params: sums
+    real = D.reduce_columns  # the driver reduces the sums of all groups of a step
+    D.reduce_columns = lambda sums, sources: sums
     try:
         model, opt, _ = run_fsdp2(adam_spd, rank, world)
         res["naive_fsdp2"] = max_diff(full_params(model), ref[STEPS])
         res["naive_fsdp2_ranks_agree"] = _agree(opt.spd_stats().fired.tolist())
     finally:
-        SF.reduce_partial_sums = SA.reduce_partial_sums = real
+        D.reduce_columns = real
     return res
 
 
 def check_addon_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
     """SelectiveProjectionDecay on torch's Adam under FSDP2, and its naive per-shard twin."""
-    import spdecay.addon as A
+    import spdecay.spd.driver as D
 
     res: dict[str, Any] = {}
     model, (base, spd), calls = run_fsdp2(adam_with_addon, rank, world)
     res["addon_fsdp2"] = max_diff(full_params(model), ref[STEPS])
     res["addon_fsdp2_collectives_per_step"] = calls
-    res["addon_fsdp2_ranks_agree"] = _agree(spd.stats().fired.tolist())
-    res.update({f"addon_fsdp2_{k}": v for k, v in sharding_facts(model, base, "spd_anchor").items()})
+    res["addon_fsdp2_ranks_agree"] = _agree(spd.spd_stats().fired.tolist())
+    res.update({f"addon_fsdp2_{k}": v for k, v in sharding_facts(model, base, "anchor").items()})
     model, (base, spd), _ = run_fsdp2(lambda m: adam_with_addon(m, fused=True), rank, world)
     res["addon_fsdp2_fused"] = max_diff(full_params(model), ref[STEPS])
-    res["addon_fsdp2_fused_ranks_agree"] = _agree(spd.stats().fired.tolist())
-    real = A.reduce_partial_sums
-    A.reduce_partial_sums = lambda sums, params: sums
+    res["addon_fsdp2_fused_ranks_agree"] = _agree(spd.spd_stats().fired.tolist())
+    real = D.reduce_columns
+    D.reduce_columns = lambda sums, sources: sums
     try:
         model, _, _ = run_fsdp2(adam_with_addon, rank, world, steps=10)
         res["naive_addon_fsdp2"] = max_diff(full_params(model), ref[10])
     finally:
-        A.reduce_partial_sums = real
+        D.reduce_columns = real
     return res
 
 
@@ -396,7 +395,7 @@ def check_checkpoint(rank: int, world: int, ckpt: Path, ref: dict, ref_addon: di
 
     half = STEPS // 2
     res: dict[str, Any] = {}
-    runs = (("resume", adam_spd, "anchor", ref), ("addon_resume", adam_with_addon, "spd_anchor", ref_addon))
+    runs = (("resume", adam_spd, "anchor", ref), ("addon_resume", adam_with_addon, "anchor", ref_addon))
     for name, make_opt, key, want in runs:
         path = str(ckpt / name)
         if world == 2:

@@ -16,12 +16,12 @@ SHAPES = [(), (5,), (4, 3), (2, 3, 2, 2)]
 def layout(request, monkeypatch):
     """Run a test on whole-tensor foreach chunks, again on the cache-sized CPU slices, and again
     with the fused C kernel (``SelectiveProjectionDecay(..., fused=True)`` made the default)."""
-    import spdecay._functional as F
     import spdecay.addon as A
+    import spdecay.spd.decision as D
 
     if request.param == "sliced":
-        monkeypatch.setattr(F, "_SLICE_NUMEL", 5)  # tensors above 5 elements walked in slices
-        monkeypatch.setattr(A, "_CHUNK_NUMEL", 8)  # several foreach chunks for the rest
+        monkeypatch.setattr(A, "_SLICE_NUMEL", 5)  # tensors above 5 elements measured in slices
+        monkeypatch.setattr(D, "_CHUNK_NUMEL", 8)  # several foreach chunks in the projection
     if request.param == "kernel":
         init = A.SelectiveProjectionDecay.__init__
         monkeypatch.setattr(init, "__kwdefaults__", {**init.__kwdefaults__, "fused": True})
@@ -110,7 +110,7 @@ def test_addon_on_adam_follows_adamspd(lam, variant, layout):
         base.step()
         for a, b in zip(pa, pb):
             torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-13)
-        ours, theirs = addon.stats(), spd_opt.spd_stats()
+        ours, theirs = addon.spd_stats(), spd_opt.spd_stats()
         assert ours.fired.tolist() == theirs.fired.tolist()
         torch.testing.assert_close(ours.ratio, theirs.ratio)
         torch.testing.assert_close(ours.deviation, theirs.deviation)
@@ -133,7 +133,7 @@ def test_addon_zero_anchor_group_and_maximize_follow_adamspd(layout):
         base.step()
     for a, b in zip(pa, pb):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-13)
-    assert "spd_anchor" not in base.state[pb[0]]  # zero anchors are not stored
+    assert "anchor" not in base.state[pb[0]]  # zero anchors are not stored
     torch.testing.assert_close(addon.anchor_of(pb[3]), init[3].detach())
 
 
@@ -181,14 +181,14 @@ def test_state_is_initialised_by_the_base_optimizer_and_anchor_is_pretrained_val
     set_grads(params, grads[0])
     params[2].grad = None  # no gradient on the first step: no state, no anchor yet
     opt.step()
-    assert set(opt.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq", "spd_anchor"}
+    assert set(opt.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq", "anchor"}
     assert params[2] not in opt.state
-    torch.testing.assert_close(opt.state[params[0]]["spd_anchor"], init[0])
+    torch.testing.assert_close(opt.state[params[0]]["anchor"], init[0])
     set_grads(params, grads[1])
     opt.step()
-    assert set(opt.state[params[2]]) == {"step", "exp_avg", "exp_avg_sq", "spd_anchor"}
-    torch.testing.assert_close(opt.state[params[2]]["spd_anchor"], init[2])
-    assert spd.stats().names == [f"group0.param{i}" for i in range(4)]
+    assert set(opt.state[params[2]]) == {"step", "exp_avg", "exp_avg_sq", "anchor"}
+    torch.testing.assert_close(opt.state[params[2]]["anchor"], init[2])
+    assert spd.spd_stats().names == [f"group0.param{i}" for i in range(4)]
 
 
 def test_resume_from_state_dict_is_exact(layout):
@@ -216,7 +216,7 @@ def test_resume_from_state_dict_is_exact(layout):
     opt2 = torch.optim.AdamW(resumed, lr=0.05, weight_decay=0.0, foreach=True)
     spd2 = SelectiveProjectionDecay(opt2, weight_decay=1.0, anchor_dtype=torch.float32)
     opt2.load_state_dict(ckpt["opt"])
-    assert opt2.state[resumed[0]]["spd_anchor"].dtype == torch.float64  # torch casts on load
+    assert opt2.state[resumed[0]]["anchor"].dtype == torch.float64  # torch casts on load
     for g in grads[12:]:
         set_grads(resumed, g)
         opt2.step()
@@ -250,7 +250,7 @@ def test_grad_scaler_skipped_step_applies_no_projection(fused):
         scaler.step(opt)
         scaler.update()
     before = [p.detach().clone() for p in model.parameters()]
-    stats_before = spd.stats()
+    stats_before = spd.spd_stats()
     backward()
     next(model.parameters()).grad[0, 0] = float("inf")
     scaler.step(opt)
@@ -259,10 +259,10 @@ def test_grad_scaler_skipped_step_applies_no_projection(fused):
         assert torch.equal(p.detach(), b)
     if fused:  # the fused kernel ran (and skipped) inside step: the hooks saw found_inf
         assert len(calls) == 4
-        assert not spd.stats().fired.any() and not spd.stats().ratio.any()
+        assert not spd.spd_stats().fired.any() and not spd.spd_stats().ratio.any()
     else:  # GradScaler does not call step at all
         assert len(calls) == 3
-        assert torch.equal(spd.stats().ratio, stats_before.ratio)
+        assert torch.equal(spd.spd_stats().ratio, stats_before.ratio)
 
 
 def test_grad_scaler_step_uses_unscaled_gradients_same_as_unscaled_run():
@@ -284,7 +284,7 @@ def test_grad_scaler_step_uses_unscaled_gradients_same_as_unscaled_run():
         scaler.update()
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert s2.stats().fired.any()
+    assert s2.spd_stats().fired.any()
 
 
 def test_spd_false_group_and_group_strength_override():
@@ -300,7 +300,7 @@ def test_spd_false_group_and_group_strength_override():
     expected = [i - 0.1 * sum(g[k] for g in grads) for k, i in enumerate(init)]
     for p, e in zip(params, expected):  # SPD off / lam = 0: plain SGD
         torch.testing.assert_close(p.detach(), e)
-    assert spd.stats().names == ["group1.param0", "group1.param1"]
+    assert spd.spd_stats().names == ["group1.param0", "group1.param1"]
 
 
 def test_remove_detaches():
@@ -314,7 +314,7 @@ def test_remove_detaches():
         set_grads(pa, g)
         oa.step()
     spd.remove(drop_anchors=True)
-    assert all("spd_anchor" not in s for s in oa.state.values())
+    assert all("anchor" not in s for s in oa.state.values())
     for p, q in zip(pa, pb):
         q.data.copy_(p.detach())
     for g in grads[6:]:
@@ -332,7 +332,7 @@ def test_named_parameters_give_names_in_stats():
     spd = SelectiveProjectionDecay(opt)
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    assert spd.stats().names == [n for n, _ in model.named_parameters()]
+    assert spd.spd_stats().names == [n for n, _ in model.named_parameters()]
 
 
 def test_complex_parameter_matches_real_view():

@@ -8,16 +8,20 @@ a real GPU (host syncs, CUDA graphs, torch.compile, the default path choice) ski
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
 from reference import ReferenceAdamSPD
 
 from spdecay import AdamSPD
-from spdecay._functional import _multi_tensor_adam_spd, _single_tensor_adam_spd
+from spdecay.spd.backends import foreach as MT
+from spdecay.spd.backends import reference as REF
+from spdecay.spd.driver import finish
+from spdecay.spd.work import AdamHyper, TensorLists
 
 triton = pytest.importorskip("triton")
-from spdecay import _triton as T  # noqa: E402  (after the skip: needs triton)
+from spdecay.spd.backends import triton as T  # noqa: E402  (after the skip: needs triton)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRET
@@ -35,6 +39,56 @@ BIG = 3 * T._BLOCK * T._ITERS + 17
 STEPS = 6 if INTERPRET else 10
 SHAPES = [(), (5,), (4, 3), (33, 70), (BIG,)]
 HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+class Stats(NamedTuple):
+    fired: list
+    ratio: list
+    deviation: list
+
+
+def _functional(choose):
+    """A backend (chosen per tensor by ``choose``) plus the driver, as one functional call with
+    torch's list convention; returns per-tensor stats lists in the input order."""
+
+    def fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors, *, amsgrad,
+           beta1, beta2, eps, lr, weight_decay, maximize, spd):
+        n = len(params)
+        lists = TensorLists(params, grads, exp_avgs, exp_avg_sqs,
+                            list(max_exp_avg_sqs) if amsgrad else [], steps,
+                            list(anchors) if spd else [None] * n)
+        h = AdamHyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      weight_decay=0.0 if spd else weight_decay, amsgrad=amsgrad,
+                      maximize=maximize, spd=spd)
+        runs = []
+        for backend, idx in choose(lists, spd):
+            if idx:
+                part = backend.adam_and_sums(lists.pick(idx), h)
+                if part is not None:
+                    part.lam = float(weight_decay)
+                    runs.append((idx, part))
+        if not spd:
+            return None
+        out = Stats([None] * n, [None] * n, [None] * n)
+        for (idx, part), dec in zip(runs, finish([p for _, p in runs]), strict=True):
+            cols = part.columns if part.columns is not None else range(len(idx))
+            for j, c in enumerate(cols):
+                for col, values in zip(out, dec, strict=True):
+                    col[idx[c]] = values[j]
+        return out
+
+    return fn
+
+
+def _triton_or_reference(lists, spd):
+    covered = [i for i in range(len(lists)) if T.covers(lists, i, spd)]
+    rest = [i for i in range(len(lists)) if i not in covered]
+    return [(T, covered), (REF, rest)]
+
+
+triton_adam_spd = _functional(_triton_or_reference)
+_multi_tensor_adam_spd = _functional(lambda lists, spd: [(MT, list(range(len(lists))))])
+_single_tensor_adam_spd = _functional(lambda lists, spd: [(REF, list(range(len(lists))))])
 
 
 def grad_stream(shapes, steps, dtype, seed=1):
@@ -88,7 +142,7 @@ def test_matches_float64_reference_and_fires_both_ways(dtype, zero_anchor):
     ref = ReferenceAdamSPD(params, lr=0.05, weight_decay=1.0, anchors=anchors)
     run = FunctionalRun(params, anchors)
     for grads in grad_stream(SHAPES, 6 if INTERPRET else 24, dtype):
-        stats = run.step(T.triton_adam_spd, grads, lr=0.05, weight_decay=1.0, maximize=False, spd=True)
+        stats = run.step(triton_adam_spd, grads, lr=0.05, weight_decay=1.0, maximize=False, spd=True)
         ref.step(grads)
         assert [bool(f) for f in stats.fired] == ref.fired_log[-1]
         for p, r in zip(run.params, ref.params, strict=True):
@@ -104,7 +158,7 @@ def test_amsgrad_maximize_and_device_tensor_lr():
     run = FunctionalRun(params, [p.clone() for p in params], amsgrad=True)
     lr = torch.tensor(0.02, dtype=torch.float32, device=DEVICE)  # read by the kernel
     for grads in grad_stream(SHAPES, STEPS, dtype, seed=4):
-        run.step(T.triton_adam_spd, grads, lr=lr, weight_decay=2.0, maximize=True, spd=True)
+        run.step(triton_adam_spd, grads, lr=lr, weight_decay=2.0, maximize=True, spd=True)
         ref.step(grads)
         assert [s.item() for s in run.steps] == [ref.t[0]] * len(SHAPES)
     # lr passes through float32 here, so compare at float32 precision.
@@ -119,7 +173,7 @@ def test_spd_false_is_adamw_like_torch():
     torch_opt = torch.optim.AdamW(leaves, lr=0.01, weight_decay=0.1, foreach=False, **{
         "betas": (HYPER["beta1"], HYPER["beta2"]), "eps": HYPER["eps"]})
     for grads in grad_stream(SHAPES, 6, torch.float64, seed=6):
-        out = run.step(T.triton_adam_spd, grads, lr=0.01, weight_decay=0.1, maximize=False, spd=False)
+        out = run.step(triton_adam_spd, grads, lr=0.01, weight_decay=0.1, maximize=False, spd=False)
         assert out is None
         for leaf, g in zip(leaves, grads, strict=True):
             leaf.grad = g.to(DEVICE)
@@ -128,25 +182,22 @@ def test_spd_false_is_adamw_like_torch():
         torch.testing.assert_close(p, leaf.detach(), **tol(torch.float64))
 
 
-def test_same_stats_as_the_foreach_path_and_both_decision_routes(monkeypatch):
+def test_same_stats_as_the_foreach_path():
     dtype = torch.float32
     params = make_params(SHAPES, dtype, seed=7)
     anchors = [p.clone() for p in params]
-    runs = {k: FunctionalRun(params, anchors) for k in ("foreach", "fused", "unfused")}
+    runs = {k: FunctionalRun(params, anchors) for k in ("foreach", "fused")}
     kw = dict(lr=0.05, weight_decay=1.0, maximize=False, spd=True)
     for grads in grad_stream(SHAPES, STEPS, dtype, seed=8):
         a = runs["foreach"].step(_multi_tensor_adam_spd, grads, **kw)
-        monkeypatch.setattr(T, "FUSED_DECISION", True)
-        b = runs["fused"].step(T.triton_adam_spd, grads, **kw)
-        monkeypatch.setattr(T, "FUSED_DECISION", False)  # reduce_partial_sums + spd_ratio
-        c = runs["unfused"].step(T.triton_adam_spd, grads, **kw)
-        for other in (b, c):
+        b = runs["fused"].step(triton_adam_spd, grads, **kw)
+        for other in (b,):
             assert torch.equal(torch.stack(a.fired).cpu(), torch.stack(other.fired).cpu())
             for x, y in ((a.ratio, other.ratio), (a.deviation, other.deviation)):
                 torch.testing.assert_close(torch.stack(y).cpu().float(), torch.stack(x).cpu().float(),
                                            rtol=1e-4, atol=1e-6)
-    for p, q in zip(runs["fused"].params, runs["unfused"].params, strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for p, q in zip(runs["fused"].params, runs["foreach"].params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_ratio_is_accurate_for_small_steps_next_to_a_large_deviation():
@@ -161,7 +212,7 @@ def test_ratio_is_accurate_for_small_steps_next_to_a_large_deviation():
     ref = ReferenceAdamSPD(params, lr=1e-4, weight_decay=1.0, anchors=anchors)
     run = FunctionalRun(params, anchors)
     for _ in range(3):
-        stats = run.step(T.triton_adam_spd, grads, lr=1e-4, weight_decay=1.0, maximize=False, spd=True)
+        stats = run.step(triton_adam_spd, grads, lr=1e-4, weight_decay=1.0, maximize=False, spd=True)
         ref.step(grads)
         assert all(bool(f) for f in stats.fired) and all(float(r) > 0 for r in stats.ratio)
     for p, r in zip(run.params, ref.params, strict=True):
@@ -189,7 +240,7 @@ def test_mixed_precision_low_precision_params_fp32_state_bf16_anchor(pdtype):
     for t, grads in enumerate(grad_stream(shapes, 6, pdtype, seed=10), start=1):
         before = [(p.cpu().double(), m.cpu().double(), v.cpu().double())
                   for p, m, v in zip(run.params, run.m, run.v, strict=True)]
-        stats = run.step(T.triton_adam_spd, grads, lr=lr, weight_decay=lam, maximize=False, spd=True)
+        stats = run.step(triton_adam_spd, grads, lr=lr, weight_decay=lam, maximize=False, spd=True)
         assert all(p.dtype == pdtype for p in run.params) and run.m[0].dtype == torch.float32
         for i, (g, (p, m, v)) in enumerate(zip(grads, before, strict=True)):
             g = g.double()
@@ -230,7 +281,7 @@ def test_plan_is_reused_with_static_grads_and_rebuilt_for_new_state(monkeypatch)
             run.v = [v.clone() for v in run.v]
         for s_, g in zip(static, grads, strict=True):
             s_.copy_(g)
-        run.step(T.triton_adam_spd, static, lr=0.05, weight_decay=1.0, maximize=False, spd=True)
+        run.step(triton_adam_spd, static, lr=0.05, weight_decay=1.0, maximize=False, spd=True)
         ref.step(grads)
     assert len(built) == 2
     for p, r in zip(run.params, ref.params, strict=True):
@@ -254,7 +305,7 @@ def test_complex_dense_noncontiguous_and_strided_fallback():
         grads = [torch.randn(p.shape, dtype=p.dtype, generator=g) + (0.5 if step < 4 else -0.5)
                  for p in params]
         grads = [gr.t().contiguous().t() if i == 1 else gr for i, gr in enumerate(grads)]
-        run.step(T.triton_adam_spd, grads, lr=0.05, weight_decay=1.0, maximize=False, spd=True)
+        run.step(triton_adam_spd, grads, lr=0.05, weight_decay=1.0, maximize=False, spd=True)
         ref.step(real(grads))
     for p, r in zip(real(run.params), ref.params, strict=True):
         torch.testing.assert_close(p.cpu(), r, **tol(torch.float64))
@@ -265,7 +316,7 @@ def test_empty_tensor_and_single_element():
     run = FunctionalRun(params, [p.clone() for p in params])
     ref = ReferenceAdamSPD(params, lr=0.1, weight_decay=1.0)
     for grads in grad_stream([(0,), (1,), (3,)], 6, torch.float32):
-        stats = run.step(T.triton_adam_spd, grads, lr=0.1, weight_decay=1.0, maximize=False, spd=True)
+        stats = run.step(triton_adam_spd, grads, lr=0.1, weight_decay=1.0, maximize=False, spd=True)
         ref.step(grads)
         assert not bool(stats.fired[0]) and float(stats.deviation[0]) == 0.0
     for p, r in zip(run.params, ref.params, strict=True):
@@ -290,8 +341,8 @@ def _grads(params, step):
 @needs_gpu
 def test_adamspd_defaults_to_triton_on_cuda(monkeypatch):
     calls = []
-    real = T.triton_adam_spd
-    monkeypatch.setattr(T, "triton_adam_spd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = T.adam_and_sums
+    monkeypatch.setattr(T, "adam_and_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
     for kwargs, expected in (({}, 1), ({"foreach": True}, 0), ({"fused": False}, 0)):
         calls.clear()
         params = _model_params(n=2)
@@ -336,7 +387,7 @@ def _run_eager_and_graph(opt_kwargs, steps=8, warmup=3):
     params_e = _model_params(seed=1)
     params_g = [p.detach().clone().requires_grad_() for p in params_e]
     opt_e = AdamSPD(params_e, lr=0.02, **opt_kwargs)
-    opt_g = AdamSPD(params_g, lr=0.02, capturable=True, **opt_kwargs)
+    opt_g = AdamSPD(params_g, lr=0.02, **opt_kwargs)
     for p in params_g:
         p.grad = torch.zeros_like(p)
     side = torch.cuda.Stream()
@@ -430,7 +481,7 @@ def test_single_tensor_and_triton_agree_on_cuda_float32():
     kw = dict(lr=0.05, weight_decay=1.0, maximize=False, spd=True)
     for grads in grad_stream(SHAPES, 10, torch.float32, seed=13):
         a.step(_single_tensor_adam_spd, grads, **kw)
-        b.step(T.triton_adam_spd, grads, **kw)
+        b.step(triton_adam_spd, grads, **kw)
     for p, q in zip(a.params, b.params, strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
@@ -461,7 +512,7 @@ def test_dtensor_route_matches_plain_tensors(monkeypatch):
             run = FunctionalRun(params, [p.detach().clone() for p in params])
             fired = []
             for grads in grad_stream(shapes, STEPS, torch.float32, seed=18):
-                stats = run.step(T.triton_adam_spd, [wrap(g) for g in grads], lr=0.05,
+                stats = run.step(triton_adam_spd, [wrap(g) for g in grads], lr=0.05,
                                  weight_decay=1.0, maximize=False, spd=True)
                 fired.append([bool(f) for f in stats.fired])
             full = [p.full_tensor() if sharded else p for p in run.params]

@@ -75,10 +75,10 @@ def _check_trajectories(res: dict) -> None:
     assert res["fsdp2_ranks_agree"] and res["addon_fsdp2_ranks_agree"]
     assert res["fsdp2_fused_ranks_agree"] and res["addon_fsdp2_fused_ranks_agree"]
     # One batched all-reduce per step for all tensors of all SPD param groups (two here:
-    # backbone, adapter); the add-on needs one before and one after the base step, per
-    # (dtype, anchor kind) bucket (two buckets). DDP needs none.
+    # backbone, adapter), for AdamSPD and for the add-on (its sums before and after the base
+    # step are additive, so they are reduced together after it). DDP needs none.
     assert res["fsdp2_collectives_per_step"] == 1
-    assert res["addon_fsdp2_collectives_per_step"] == 4
+    assert res["addon_fsdp2_collectives_per_step"] == 1
     assert res["ddp_spd_collectives"] == 0 and res["addon_ddp_spd_collectives"] == 0
     # anchors live in the per-parameter state, sharded exactly like their parameters
     for prefix in ("fsdp2_", "addon_fsdp2_"):
@@ -113,7 +113,7 @@ def test_checkpoint_saved_by_two_processes_resumes_on_three(three, name):
 
 
 def test_reduce_partial_sums_passes_plain_tensors_through():
-    from spdecay._sharding import reduce_partial_sums
+    from spdecay.spd.reduce import reduce_partial_sums
 
     sums = torch.randn(3, 2)
     assert reduce_partial_sums(sums, [torch.zeros(2), torch.zeros(3)]) is sums

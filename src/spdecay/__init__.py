@@ -1,18 +1,20 @@
 """spdecay: Selective Projection Decay (SPD) for robust fine-tuning in PyTorch."""
 
-from spdecay._functional import SPDStepStats, adam_spd
 from spdecay.adam_spd import AdamSPD
 from spdecay.addon import SelectiveProjectionDecay
 from spdecay.l2sp import AdamL2SP
 from spdecay.lpft import LPFT
 from spdecay.param_groups import llrd_param_groups, param_groups
-from spdecay.stats import SPDStats
+from spdecay.spd.functional import adam_spd
+from spdecay.spd.layout import FlatLayout
+from spdecay.stats import SPDStats, SPDStepStats
 from spdecay.wise_ft import interpolate
 
 __all__ = [
     "LPFT",
     "AdamL2SP",
     "AdamSPD",
+    "FlatLayout",
     "SPDStats",
     "SPDStepStats",
     "SelectiveProjectionDecay",

@@ -27,9 +27,11 @@ typedef struct {
     const double *lr;        /* the learning rate (one value; may come from a tensor) */
     const double *coef;      /* [n] projection weights (phase 2) */
     double *sums;            /* [3, n] output of phase 1, NULL where spd == 0 */
+    int64_t n_steps;         /* number of step counts (several tensors may share one) */
+    const int64_t *step_of;  /* [n] index into steps of each tensor, or NULL: tensor i has step i */
 } SpdCall;
 
-/* Per-tensor coefficients of one step, after its step count was incremented. */
+/* Per-step-count coefficients of one step, after the count was incremented. */
 typedef struct {
     double *neg_step_size; /* -lr / (1 - beta1^t) */
     double *bc2_sqrt;      /* sqrt(1 - beta2^t) */
@@ -38,11 +40,11 @@ typedef struct {
 /* Increment every step count (as torch's Adam does) and derive the step's coefficients, in
  * float64 as spdecay's torch paths do. */
 static int step_coefficients(const SpdCall *c, StepCoefs *k) {
-    size_t bytes = (size_t)(c->n > 0 ? c->n : 1) * sizeof(double);
+    size_t bytes = (size_t)(c->n_steps > 0 ? c->n_steps : 1) * sizeof(double);
     k->neg_step_size = malloc(bytes);
     k->bc2_sqrt = malloc(bytes);
     if (!k->neg_step_size || !k->bc2_sqrt) return 1;
-    for (int64_t i = 0; i < c->n; i++) {
+    for (int64_t i = 0; i < c->n_steps; i++) {
         double t;
         if (c->step_double) {
             t = *(double *)c->steps[i] += 1.0;

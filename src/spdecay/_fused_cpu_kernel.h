@@ -77,7 +77,8 @@ static void FN(phase1_item)(const SpdCall *c, const StepCoefs *k, int64_t i, int
     SCALAR *vmax = c->amsgrad ? (SCALAR *)c->max_exp_avg_sqs[i] + start : NULL;
     const void *a = FN(anchor_from)(c, i, start);
     const SCALAR eps = (SCALAR)c->eps;
-    const SCALAR step = (SCALAR)k->neg_step_size[i], bc2 = (SCALAR)k->bc2_sqrt[i];
+    const int64_t si = c->step_of ? c->step_of[i] : i; /* segments of one tensor share its step */
+    const SCALAR step = (SCALAR)k->neg_step_size[si], bc2 = (SCALAR)k->bc2_sqrt[si];
     const SCALAR decay = (SCALAR)(1.0 - *c->lr * c->weight_decay); /* used where spd == 0 */
 #define SPD_RANGE(KIND, SPD, AMS, MAX) \
     FN(phase1_range)(p, g, m, v, vmax, a, n, KIND, SPD, AMS, MAX, c->beta1, c->beta2, step, bc2, eps, \
@@ -161,7 +162,8 @@ int FN(spd_project)(const SpdCall *c) {
 }
 
 /* The add-on's measurements: per tensor <g, p - p0> (where grads are given) and ||p - p0||^2,
- * one pass over g, p and p0; sums is [2, n]. */
+ * one pass over g, p and p0; sums is [2, n]. The difference is taken in double (exact for float
+ * inputs): the add-on's growth is the difference of two such norms and must not cancel. */
 static void FN(measure_item)(const SpdCall *c, int64_t i, int64_t start, int64_t n, double out[2]) {
     const SCALAR *restrict p = (const SCALAR *)c->params[i] + start;
     const SCALAR *restrict g = c->grads ? (const SCALAR *)c->grads[i] + start : NULL;
@@ -170,9 +172,9 @@ static void FN(measure_item)(const SpdCall *c, int64_t i, int64_t start, int64_t
 #define SPD_MEASURE(KIND)                                              \
     _Pragma("omp simd reduction(+ : inner, dev_sq)")                   \
     for (int64_t j = 0; j < n; j++) {                                  \
-        const SCALAR d = p[j] - FN(anchor_at)(a, j, KIND);             \
-        if (g) inner += (double)g[j] * (double)d;                      \
-        dev_sq += (double)d * (double)d;                               \
+        const double d = (double)p[j] - (double)FN(anchor_at)(a, j, KIND); \
+        if (g) inner += (double)g[j] * d;                              \
+        dev_sq += d * d;                                               \
     }
     switch (c->anchor_kind) {
         case ANCHOR_NONE: SPD_MEASURE(ANCHOR_NONE) break;

@@ -4,135 +4,126 @@ SPD is a rule about where a step may go, not about Adam: it only needs the gradi
 optimizer used, the parameter before the step and the parameter after it. The add-on hooks into
 the wrapped optimizer's step:
 
-* pre-hook (before the base step): per tensor, record ``c = -<g, p - p0>`` and ``||p - p0||``
-  as 0-d tensors (no parameter-sized copies survive the step);
-* post-hook (after it): ``r = clamp((||p_new - p0|| - ||p - p0||) / ||p_new - p0||, 0, 1)`` and
-  ``p_new -= lam * r * (p_new - p0)`` only where ``c < 0``.
+* pre-hook (before the base step): per tensor, the local sums ``<g, p - p0>`` and
+  ``||p - p0||^2`` (float64, ``p - p0`` taken exactly; no parameter-sized copy survives);
+* post-hook (after it): ``||p_new - p0||^2``, the growth as the difference of the two float64
+  norms, then the same driver as AdamSPD (one reduction over shards, the one decision
+  ``spd_ratio``, the one projection).
 
-Everything is tensor arithmetic (no ``.item()``, no Python branching on data), so the add-on
-never forces a host-device sync. Anchors live in the wrapped optimizer's state
-(``opt.state[p]["spd_anchor"]``) so ``opt.state_dict()`` carries them.
+No ``.item()``, no Python branching on data: the add-on never forces a host-device sync. Anchors
+live in the wrapped optimizer's state (``opt.state[p]["anchor"]``) so ``opt.state_dict()``
+carries them. A deep copy or pickle of the optimizer carries the add-on along.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-import spdecay._functional as _F
-from spdecay._functional import (
-    _as_real,
-    _deviations,
-    _dot,
-    _foreach_sum_of_products,
-    _real_dtype,
-    _slices,
-    spd_ratio,
-)
-from spdecay._sharding import is_dtensor, reduce_partial_sums, to_local
+from spdecay._anchored import ANCHOR_KEY, check_dtype_option
+from spdecay.spd.backends.numerics import exact_deviation, exact_dot, local_real, real_dtype
+from spdecay.spd.decision import project_
+from spdecay.spd.driver import PartialStep, finish
+from spdecay.spd.engines import check_params_unchanged, group_shapes
+from spdecay.spd.layout import FlatLayout, check_layout, pieces, segment_ids
+from spdecay.spd.reduce import check_placements, is_dtensor
 from spdecay.stats import SPDStats
 
 __all__ = ["SelectiveProjectionDecay"]
 
 _ANCHOR_MODES = ("init", "zero")
-# Parameter-sized temporaries are made for at most this many elements at a time, which bounds
-# the add-on's transient memory (one chunk) independently of the model size.
-_CHUNK_NUMEL = 1 << 25
+_OLD_ANCHOR_KEY = "spd_anchor"  # before one key was shared with AdamSPD
+# On CPU, large tensors are measured in slices of this many elements (float64 temporaries stay
+# in the cache).
+_SLICE_NUMEL = 1 << 18
 
 
 class _Bucket:
     """Tensors of one (device, dtype, anchor kind) with what the pre-hook measured."""
 
-    __slots__ = ("params", "anchors", "lams", "inner", "dev_sq", "kernel")
+    __slots__ = ("params", "anchors", "layouts", "lams", "before", "kernel")
 
     def __init__(self) -> None:
         self.params: list[Tensor] = []
         self.anchors: list[Tensor | None] = []  # all None (zero anchors) or all tensors
+        self.layouts: list[FlatLayout | None] = []
         self.lams: list[float] = []
-        self.inner: Tensor | None = None  # <g, p - p0> per tensor (c = -inner)
-        self.dev_sq: Tensor | None = None  # ||p - p0||^2 before the step
+        self.before: Tensor | None = None  # [2, columns]: <g, p - p0>, ||p - p0||^2 (local)
         self.kernel = False  # measured and projected by the fused CPU kernel
 
-
-def _chunks(tensors: list[Tensor]) -> Iterator[slice]:
-    start, numel = 0, 0
-    for i, t in enumerate(tensors):
-        if i > start and numel + t.numel() > _CHUNK_NUMEL:
-            yield slice(start, i)
-            start, numel = i, 0
-        numel += t.numel()
-    if start < len(tensors):
-        yield slice(start, len(tensors))
+    def widths(self) -> list[int]:
+        return [1 if lay is None else lay.num_logical for lay in self.layouts]
 
 
-def _local(ts: list[Tensor | None]) -> list[Tensor | None]:
-    return [None if t is None else to_local(t) for t in _as_real(ts)]
+def _parts(p: Tensor, layout: FlatLayout | None) -> list[tuple[slice, int]]:
+    """(flat slice, column within the tensor; -1 padding) covering a tensor; CPU slices bounded."""
+    n = p.numel()
+    spans = [(0, n, 0)] if layout is None else pieces(layout, n)
+    step = _SLICE_NUMEL if p.device.type == "cpu" else max(n, 1)
+    return [(slice(s, min(s + step, start + length)), col)
+            for start, length, col in spans for s in range(start, start + max(length, 1), step)]
 
 
-def _sliceable(ts: list[Tensor | None]) -> bool:
-    # CPU, local, real, contiguous and large: walk it in cache-sized slices.
-    return all(
-        t is None
-        or (t.device.type == "cpu" and not is_dtensor(t) and not t.is_complex() and t.is_contiguous())
-        for t in ts
-    ) and ts[0] is not None and ts[0].numel() > _F._SLICE_NUMEL
-
-
-def _measure_sliced(
-    p: Tensor, a: Tensor | None, g: Tensor | None, buf: dict[torch.dtype, Tensor]
-) -> list[Tensor]:
-    """[<g, p - p0>,] ||p - p0||^2 of one large CPU tensor, slice by slice: the difference of
-    a slice stays in the cache (in one reused buffer), where a whole-tensor temporary would
-    stream through memory."""
-    pf = p.view(-1)
-    af = None if a is None else a.view(-1)
-    gf = None if g is None else g.view(-1)
-    if af is not None and pf.dtype not in buf:
-        buf[pf.dtype] = torch.empty(_F._SLICE_NUMEL, dtype=pf.dtype)
-    parts = []
-    for sl in _slices(pf):
-        if af is None:
-            d = pf[sl]
-        else:
-            d = torch.sub(pf[sl], af[sl].to(pf.dtype), out=buf[pf.dtype][: sl.stop - sl.start])
-        if gf is not None:
-            parts.append(_dot(gf[sl], d))
-        parts.append(_dot(d, d))
-    return list(torch.stack(parts).view(-1, 1 if gf is None else 2).sum(0).unbind())
-
-
-def _measure(
-    params: list[Tensor], anchors: list[Tensor | None], grads: list[Tensor] | None
-) -> tuple[Tensor | None, Tensor]:
-    """Per tensor (local partial sums): <g, p - p0> (when grads are given) and ||p - p0||^2."""
-    n = len(params)
-    inner: list[Tensor | None] = [None] * n
-    dev_sq: list[Tensor | None] = [None] * n
-    rest = []
-    buf: dict[torch.dtype, Tensor] = {}
-    for i in range(n):
+def _measure(params: list[Tensor], anchors: list[Tensor | None], grads: list[Tensor] | None,
+             layouts: list[FlatLayout | None]) -> Tensor:
+    """Local [<g, p - p0>, ||p - p0||^2] per column in float64 ([2, columns]; row 0 is 0
+    without grads), p - p0 taken exactly in float64."""
+    columns: list[Tensor] = []
+    for i, p in enumerate(params):
         g = None if grads is None else grads[i]
-        if _sliceable([params[i], anchors[i], g]):
-            out = _measure_sliced(params[i], anchors[i], g, buf)
-            if g is not None:
-                inner[i] = out[0]
-            dev_sq[i] = out[-1]
+        pl, al, gl = local_real([p, anchors[i], g])
+        width = 1 if layouts[i] is None else layouts[i].num_logical
+        acc = torch.zeros(2, width + 1, dtype=torch.float64, device=pl.device)
+        flat = pl.is_contiguous() and (al is None or al.is_contiguous()) and (
+            gl is None or gl.is_contiguous())
+        if not flat:  # whole, as it is (never with a layout: those are 1-D)
+            d = exact_deviation(pl, al)
+            acc[1, 0] = exact_dot(d, d)
+            if gl is not None:
+                acc[0, 0] = exact_dot(gl, d)
         else:
-            rest.append(i)
-    for k in _chunks([params[i] for i in rest]):
-        idx = rest[k]
-        devs = _deviations(_local([params[i] for i in idx]), _local([anchors[i] for i in idx]))
-        for i, v in zip(idx, _foreach_sum_of_products(devs, devs), strict=True):
-            dev_sq[i] = v
-        if grads is not None:
-            gs = _local([grads[i] for i in idx])
-            for i, v in zip(idx, _foreach_sum_of_products(gs, devs), strict=True):
-                inner[i] = v
-        del devs
-    return (None if grads is None else torch.stack(inner)), torch.stack(dev_sq)  # type: ignore[arg-type]
+            pf, af = pl.view(-1), None if al is None else al.view(-1)
+            gf = None if gl is None else gl.view(-1)
+            for sl, col in _parts(pf, layouts[i]):
+                d = exact_deviation(pf[sl], None if af is None else af[sl])
+                inner = exact_dot(gf[sl], d) if gf is not None else acc.new_zeros(())
+                acc[:, col] += torch.stack([inner, exact_dot(d, d)])
+        columns.append(acc[:, :width])
+    return torch.cat(columns, dim=1)
+
+
+class _TorchProjector:
+    def __init__(self, params: list[Tensor], anchors: list[Tensor | None],
+                 layouts: list[FlatLayout | None]) -> None:
+        self.params, self.anchors, self.layouts = params, anchors, layouts
+
+    def project(self, coef: Tensor) -> None:
+        ps = local_real(self.params)
+        ans = local_real(self.anchors)
+        dtype = real_dtype(self.params[0].dtype)
+        coef = coef.to(dtype)
+        weights, start = [], 0
+        for p, layout in zip(ps, self.layouts):
+            if layout is None:
+                weights.append(coef[start])
+                start += 1
+            else:
+                ids = segment_ids(layout, p.numel(), p.device)
+                c = coef[start : start + layout.num_logical]
+                weights.append(torch.cat([c, c.new_zeros(1)]).index_select(0, ids))
+                start += layout.num_logical
+        project_(ps, ans, weights)  # type: ignore[arg-type]
+
+
+class _KernelProjector:
+    def __init__(self, b: _Bucket) -> None:
+        self.b = b
+
+    def project(self, coef: Tensor) -> None:
+        _kernel().project(self.b.params, self.b.anchors, coef, self.b.layouts)
 
 
 class SelectiveProjectionDecay:
@@ -145,14 +136,15 @@ class SelectiveProjectionDecay:
         anchor: ``"init"`` (the parameter's value when the add-on first sees it with a
             gradient, i.e. the pre-trained weights) or ``"zero"`` (PEFT/LoRA weights); per group
             override key ``"anchor"``. A group with ``"spd": False`` is left alone.
-        anchor_dtype: dtype to store anchors in (default: the parameter's dtype).
+        anchor_dtype: floating dtype to store anchors in (default: the parameter's dtype).
         fused: measure and project CPU tensors with spdecay's fused C kernel (one pass per
             measurement; compiled once on first use, like ``AdamSPD(fused=True)``). Tensors it
             does not cover (other devices, dtypes or layouts) use torch ops as with the default.
 
     A step skipped by ``torch.amp.GradScaler`` applies no projection: the scaler does not call
     ``optimizer.step()`` (so the hooks do not run), and fused optimizers that skip inside the
-    kernel expose ``found_inf``, which masks the projection.
+    kernel expose ``found_inf``, which masks the projection. ``copy.deepcopy`` and pickling of the
+    optimizer carry the add-on (find the copy's with :meth:`of`).
     """
 
     def __init__(
@@ -170,18 +162,15 @@ class SelectiveProjectionDecay:
             )
         _check_lam(weight_decay, "weight_decay")
         _check_anchor(anchor, "anchor")
-        if anchor_dtype is not None and not (
-            isinstance(anchor_dtype, torch.dtype) and anchor_dtype.is_floating_point
-        ):
-            raise TypeError(f"anchor_dtype must be a floating torch.dtype, got {anchor_dtype!r}")
+        check_dtype_option("anchor_dtype", anchor_dtype, "SelectiveProjectionDecay")
         for i, group in enumerate(optimizer.param_groups):
             _check_group(group, i)
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {fused!r}")
+        if getattr(optimizer, "_spd_addon", None) is not None:
+            raise ValueError("this optimizer already carries a SelectiveProjectionDecay")
         if fused:
-            from spdecay import _fused_cpu
-
-            _fused_cpu.library()  # build now: a missing compiler is reported here, not mid-step
+            _kernel().library()  # build now: a missing compiler is reported here, not mid-step
         self.fused = fused
         self.optimizer = optimizer
         self.weight_decay = float(weight_decay)
@@ -191,13 +180,23 @@ class SelectiveProjectionDecay:
         # parameter's state: torch optimizers initialise state only while it is empty.
         self._pending: dict[Tensor, Tensor] = {}
         self._buckets: list[_Bucket] = []
-        self._last: dict[Tensor, tuple[Tensor, Tensor, Tensor]] = {}
+        self._last: dict[Tensor, Any] = {}
+        self._layouts: dict[Tensor, FlatLayout] = {}
+        self._group_shapes = [group_shapes(g) for g in optimizer.param_groups]
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
         ]
+        # Copies of the optimizer keep SPD: copy/pickle look these up on the instance.
+        optimizer._spd_addon = self  # type: ignore[attr-defined]
+        optimizer.__reduce_ex__ = self._reduce_optimizer  # type: ignore[method-assign]
 
     # ----------------------------------------------------------------------------------- API
+    @staticmethod
+    def of(optimizer: torch.optim.Optimizer) -> SelectiveProjectionDecay | None:
+        """The add-on attached to ``optimizer`` (e.g. a deep copy's), or None."""
+        return getattr(optimizer, "_spd_addon", None)
+
     def remove(self, drop_anchors: bool = False) -> None:
         """Detach from the optimizer. With ``drop_anchors`` also delete the anchors from its state."""
         for h in self._handles:
@@ -205,33 +204,56 @@ class SelectiveProjectionDecay:
         self._handles = []
         self._pending.clear()
         self._buckets = []
+        for name in ("_spd_addon", "__reduce_ex__"):
+            self.optimizer.__dict__.pop(name, None)
         if drop_anchors:
             for st in self.optimizer.state.values():
-                st.pop("spd_anchor", None)
+                st.pop(ANCHOR_KEY, None)
+                st.pop(_OLD_ANCHOR_KEY, None)
 
-    def stats(self) -> SPDStats:
-        """Per-tensor results of the last step that updated each SPD parameter, like
+    def set_flat_layout(self, param: Tensor, layout: FlatLayout) -> None:
+        """Declare ``param`` (1-D, in one of the groups) a flat engine partition holding the
+        segments ``layout`` describes: SPD then decides per logical tensor (see FlatLayout)."""
+        if not any(param is q for g in self.optimizer.param_groups for q in g["params"]):
+            raise ValueError("SelectiveProjectionDecay.set_flat_layout: the tensor is not in any param group")
+        self._layouts[param] = check_layout(param, layout)
+
+    def spd_stats(self) -> SPDStats:
+        """Per-tensor results of the last step that updated each SPD parameter, as
         :meth:`AdamSPD.spd_stats`: names (``param_names`` of the group when the optimizer was
         built from named parameters, else ``group{g}.param{i}``), fired, ratio, deviation.
         No host sync until you read the values."""
-        names, fired, ratio, deviation = [], [], [], []
+        names, entries, layouts = [], [], []
         for g, group in enumerate(self.optimizer.param_groups):
             group_names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                if p not in self._last:
-                    continue
-                names.append(group_names[i] if group_names else f"group{g}.param{i}")
-                f, r, d = self._last[p]
-                fired.append(f)
-                ratio.append(r)
-                deviation.append(d)
-        return SPDStats.from_lists(names, fired, ratio, deviation)
+                if p in self._last:
+                    names.append(group_names[i] if group_names else f"group{g}.param{i}")
+                    entries.append(self._last[p])
+                    layouts.append(self._layouts.get(p))
+        return SPDStats.from_decisions(names, entries, layouts)
+
+    def stats(self) -> SPDStats:
+        """Deprecated name of :meth:`spd_stats`."""
+        warnings.warn("SelectiveProjectionDecay.stats() is deprecated; use spd_stats()",
+                      DeprecationWarning, stacklevel=2)
+        return self.spd_stats()
 
     def anchor_of(self, p: Tensor) -> Tensor | None:
         """The anchor of ``p`` (None for zero anchors or before its first step)."""
         st = self.optimizer.state.get(p)
-        a = st.get("spd_anchor") if st else None
+        a = (st.get(ANCHOR_KEY, st.get(_OLD_ANCHOR_KEY))) if st else None
         return a if a is not None else self._pending.get(p)
+
+    # ------------------------------------------------------------------------ copy / pickle
+    def _config(self) -> dict[str, Any]:
+        return dict(weight_decay=self.weight_decay, anchor=self.anchor,
+                    anchor_dtype=self.anchor_dtype, fused=self.fused)
+
+    def _reduce_optimizer(self, protocol: int) -> tuple:
+        opt = self.optimizer
+        return (_rebuild_with_spd, (type(opt), opt.__getstate__(), self._config(),
+                                    dict(self._layouts)))
 
     # --------------------------------------------------------------------------------- hooks
     def _anchor_dtype(self, p: Tensor) -> torch.dtype:
@@ -241,7 +263,9 @@ class SelectiveProjectionDecay:
         if mode == "zero":
             return None
         st = self.optimizer.state.get(p)  # .get: never create a state entry here
-        a = st.get("spd_anchor") if st else None
+        if st and _OLD_ANCHOR_KEY in st:  # a checkpoint from before the shared key
+            st[ANCHOR_KEY] = st.pop(_OLD_ANCHOR_KEY)
+        a = st.get(ANCHOR_KEY) if st else None
         if a is None:
             a = self._pending.get(p)
             if a is None:
@@ -252,15 +276,27 @@ class SelectiveProjectionDecay:
             want = self._anchor_dtype(p)
             if a.dtype != want or a.device != p.device:
                 a = a.to(device=p.device, dtype=want)
-                st["spd_anchor"] = a  # type: ignore[index]
+                st[ANCHOR_KEY] = a  # type: ignore[index]
         return a
+
+    def _validate(self, opt: torch.optim.Optimizer) -> None:
+        check_params_unchanged("SelectiveProjectionDecay", opt.param_groups, self._group_shapes,
+                               self._layouts)
+        for i, group in enumerate(opt.param_groups):
+            _check_group(group, i)
+            if not group.get("spd", True):
+                continue
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("SelectiveProjectionDecay does not support sparse gradients")
+            check_placements(group["params"], "SelectiveProjectionDecay")
 
     @torch.no_grad()
     def _pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        buckets: dict[tuple[torch.device, torch.dtype, bool], _Bucket] = {}
+        self._validate(opt)
+        buckets: dict[tuple, _Bucket] = {}
         grads: dict[int, list[Tensor]] = {}
-        for i, group in enumerate(opt.param_groups):
-            _check_group(group, i)
+        for group in opt.param_groups:
             if not group.get("spd", True):
                 continue
             lam = float(group.get("spd_weight_decay", self.weight_decay))
@@ -269,121 +305,80 @@ class SelectiveProjectionDecay:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError("SelectiveProjectionDecay does not support sparse gradients")
                 anchor = self._anchor_for(p, mode)
-                b = buckets.setdefault((p.device, p.dtype, anchor is None), _Bucket())
+                key = (p.device, p.dtype, anchor is None, is_dtensor(p))
+                b = buckets.setdefault(key, _Bucket())
                 b.params.append(p)
                 b.anchors.append(anchor)
+                b.layouts.append(self._layouts.get(p))
                 b.lams.append(lam)
                 # The direction the base optimizer descends along (it negates for maximize).
                 grads.setdefault(id(b), []).append(-p.grad if flip else p.grad)
         for b in buckets.values():
             # Only the sign of <g, p - p0> matters, so grads still scaled by a GradScaler
             # (fused optimizers unscale inside their kernel) give the same decision.
-            b.kernel = self.fused and _kernel().addon_covers(b.params, b.anchors, grads[id(b)])
+            g = grads[id(b)]
+            b.kernel = self.fused and _kernel().addon_covers(b.params, b.anchors, g)
             if b.kernel:
-                sums = _kernel().measure(b.params, b.anchors, grads[id(b)])
-                sums = sums.to(b.params[0].device)
+                b.before = _kernel().measure(b.params, b.anchors, g, b.layouts).to(b.params[0].device)
             else:
-                inner, dev_sq = _measure(b.params, b.anchors, grads[id(b)])
-                sums = torch.stack([inner, dev_sq])  # type: ignore[list-item]
-            sums = reduce_partial_sums(sums, b.params)
-            b.inner, b.dev_sq = sums[0], sums[1]
+                b.before = _measure(b.params, b.anchors, g, b.layouts)
         self._buckets = list(buckets.values())
 
     @torch.no_grad()
     def _post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         buckets, self._buckets = self._buckets, []
-        found_inf = getattr(opt, "found_inf", None)
+        parts = []
         for b in buckets:
-            assert b.inner is not None and b.dev_sq is not None
-            # One strength per bucket is the common case: a Python float, no host-to-device copy.
-            lam: float | Tensor = b.lams[0]
-            if len(set(b.lams)) > 1:
-                lam = torch.tensor(b.lams, dtype=b.dev_sq.dtype, device=b.dev_sq.device)
-            n = len(b.params)
-            if b.kernel:  # one pass for the new norms, one over the tensors that fired
-                new_sq = _kernel().measure(b.params, b.anchors, None)[1].to(b.dev_sq.device)
-                new_sq = reduce_partial_sums(new_sq.unsqueeze(0), b.params)[0]
-                fired, ratio, coef = _decide(b.inner, b.dev_sq, new_sq, lam, found_inf)
-                _kernel().project(b.params, b.anchors, coef)
-                self._record(opt, b, fired, ratio)
-                continue
-            fired_l: list[Tensor] = [None] * n  # type: ignore[list-item]
-            ratio_l: list[Tensor] = [None] * n  # type: ignore[list-item]
-            # Large CPU tensors one by one: norm, decision and projection back to back, so the
-            # projection finds the tensor and its anchor still in the last-level cache.
-            sliced = [i for i in range(n) if _sliceable([b.params[i], b.anchors[i]])]
-            buf: dict[torch.dtype, Tensor] = {}
-            for i in sliced:
-                p, a = b.params[i], b.anchors[i]
-                new_sq = _measure_sliced(p, a, None, buf)[0].view(1)
-                k = slice(i, i + 1)
-                lam_k = lam if isinstance(lam, float) else lam[k]
-                f, r, c = _decide(b.inner[k], b.dev_sq[k], new_sq, lam_k, found_inf)
-                _project([p], [a], c)
-                fired_l[i], ratio_l[i] = f[0], r[0]
-            in_sliced = set(sliced)
-            rest = [i for i in range(n) if i not in in_sliced]
-            if rest:
-                ps = [b.params[i] for i in rest]
-                ans = [b.anchors[i] for i in rest]
-                # Pass 1: ||p_new - p0|| (the whole norm is needed before any of it is projected).
-                _, new_sq = _measure(ps, ans, None)
-                new_sq = reduce_partial_sums(new_sq.unsqueeze(0), ps)[0]
-                inner, dev_sq, lam_r = b.inner, b.dev_sq, lam
-                if sliced:  # CPU only (sliced tensors are), so this index tensor costs no copy
-                    idx = torch.tensor(rest, device=inner.device)
-                    inner, dev_sq = inner[idx], dev_sq[idx]
-                    lam_r = lam if isinstance(lam, float) else lam[idx]
-                f, r, c = _decide(inner, dev_sq, new_sq, lam_r, found_inf)
-                _project(ps, ans, c)  # pass 2
-                for j, i in enumerate(rest):
-                    fired_l[i], ratio_l[i] = f[j], r[j]
-            self._record(opt, b, torch.stack(fired_l), torch.stack(ratio_l))
+            assert b.before is not None
+            if b.kernel:
+                new_sq = _kernel().measure(b.params, b.anchors, None, b.layouts)[1]
+                new_sq = new_sq.to(b.before.device)
+                projector: Any = _KernelProjector(b)
+            else:
+                new_sq = _measure(b.params, b.anchors, None, b.layouts)[1]
+                projector = _TorchProjector(b.params, b.anchors, b.layouts)
+            # Both norms are float64 sums of exact differences: their difference keeps the
+            # growth exact where float32 norms would cancel.
+            sums = torch.stack([b.before[0], b.before[1], new_sq - b.before[1]])
+            sources = [s for p, lay in zip(b.params, b.layouts)
+                       for s in ([p] if lay is None else [lay] * lay.num_logical)]
+            parts.append(PartialStep(sums, projector, sources, _lams(b, sums)))
+        decisions = finish(parts, getattr(opt, "found_inf", None)) if parts else []
+        for b, dec in zip(buckets, decisions):
+            start = 0
+            for p, width in zip(b.params, b.widths()):
+                self._last[p] = (dec, start, width)
+                start += width
+            # The base step has initialised the state of every stepped parameter by now.
+            for p in b.params:
+                a = self._pending.pop(p, None)
+                if a is not None:
+                    opt.state[p][ANCHOR_KEY] = a
 
-    def _record(self, opt: torch.optim.Optimizer, b: _Bucket, fired: Tensor, ratio: Tensor) -> None:
-        assert b.dev_sq is not None
-        devs_out = b.dev_sq.clamp_min(0).sqrt()
-        rows = zip(b.params, fired.unbind(), ratio.unbind(), devs_out.unbind(), strict=True)
-        for p, f, r, d in rows:
-            self._last[p] = (f, r, d)
-        # The base step has initialised the state of every stepped parameter by now.
-        for p in b.params:
-            a = self._pending.pop(p, None)
-            if a is not None:
-                opt.state[p]["spd_anchor"] = a
+
+def _lams(b: _Bucket, sums: Tensor) -> float | Tensor:
+    if len(set(b.lams)) == 1:
+        return b.lams[0]
+    per_column = [lam for lam, w in zip(b.lams, b.widths()) for _ in range(w)]
+    return torch.tensor(per_column, dtype=torch.float64).to(sums.device)
+
+
+def _rebuild_with_spd(cls: type, state: dict[str, Any], config: dict[str, Any],
+                      layouts: dict[Tensor, FlatLayout]) -> torch.optim.Optimizer:
+    """Unpickle / deep-copy an optimizer that carried the add-on: the copy carries its own."""
+    opt = cls.__new__(cls)
+    opt.__setstate__(state)
+    addon = SelectiveProjectionDecay(opt, **config)
+    for p, layout in layouts.items():
+        addon.set_flat_layout(p, layout)
+    return opt
 
 
 def _kernel():
-    from spdecay import _fused_cpu
+    from spdecay.spd.backends import cpu
 
-    return _fused_cpu
-
-
-def _decide(
-    inner: Tensor, dev_sq: Tensor, new_sq: Tensor, lam: float | Tensor, found_inf: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    fired, ratio, coef = spd_ratio(inner, dev_sq, new_sq, lam)  # type: ignore[arg-type]
-    if found_inf is not None:
-        # Fused optimizers under GradScaler skip an overflowing step inside their kernel and
-        # expose the flag; other optimizers are simply not stepped (the hooks do not run).
-        ok = found_inf.to(fired.device) == 0
-        fired, ratio, coef = fired & ok, ratio * ok, coef * ok
-    return fired, ratio, coef
-
-
-def _project(params: list[Tensor], anchors: list[Tensor | None], coef: Tensor) -> None:
-    """p <- p - coef * (p - p0), as lerp(p, p0, coef); p *= 1 - coef for zero anchors."""
-    coefs = coef.to(_real_dtype(params[0].dtype)).unbind()
-    for sl in _chunks(params):
-        ps = _local(params[sl])
-        if anchors[0] is None:
-            torch._foreach_mul_(ps, [1 - c for c in coefs[sl]])
-        else:
-            ans = [a.to(p.dtype) for p, a in zip(ps, _local(anchors[sl]), strict=True)]
-            torch._foreach_lerp_(ps, ans, list(coefs[sl]))
+    return cpu
 
 
 def _check_lam(v: Any, name: str) -> None:

@@ -4,12 +4,13 @@ Two forms, selected by ``decoupled``:
 
 * loss-level (classic L2-SP, default): the gradient of ``lam/2 * ||p - p0||^2`` is added to the
   loss gradient, ``g <- g + lam * (p - p0)``, and goes through Adam's moments;
-* decoupled (AdamW-style): ``p <- p - lr * lam * (p - p0)`` before the Adam update.
+* decoupled (AdamW-style): ``p <- p - lr * lam * (p - p0)`` before the Adam update (SPD's
+  projection with the fixed weight ``lr * lam``).
 
-It shares AdamSPD's param groups, anchor handling (``anchor="init"|"zero"``, given tensors,
-``anchor_dtype``, anchors in ``state["anchor"]``), state_dict and fast paths: only the
-regulariser differs. Groups with ``spd=False`` (e.g. a new head from :func:`param_groups`) get
-plain AdamW decay ``p *= 1 - lr * weight_decay``, exactly as in AdamSPD.
+It shares AdamSPD's anchored-Adam base (param groups, ``anchor="init"|"zero"``, given tensors,
+``anchor_dtype``, ``state_dtype``, anchors in ``state["anchor"]``, state_dict checks) and its
+Adam backends; it is not an AdamSPD and has no SPD statistics. Groups with ``spd=False`` (e.g. a
+new head from :func:`param_groups`) get plain AdamW decay ``p *= 1 - lr * weight_decay``.
 """
 
 from __future__ import annotations
@@ -20,21 +21,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spdecay._functional import adam_spd
-from spdecay.adam_spd import AdamSPD, _choose_path, _uses_anchor
+from spdecay._anchored import AnchoredAdam
+from spdecay.spd.backends.numerics import local_real
+from spdecay.spd.decision import project_
+from spdecay.spd.functional import GroupStep, step_groups
+from spdecay.spd.work import TensorLists
 
 __all__ = ["AdamL2SP"]
 
 
-class AdamL2SP(AdamSPD):
+class AdamL2SP(AnchoredAdam):
     """Adam with L2-SP regularisation towards the anchor.
 
     Args:
-        weight_decay: the L2-SP strength ``lam``.
+        weight_decay: the L2-SP strength ``lam`` (AdamW decay in ``spd=False`` groups).
         decoupled: False (default): loss-level form through the moments; True: decoupled form.
             Per-group override key ``"decoupled"``.
         Everything else as in :class:`AdamSPD`.
     """
+
+    _owner = "AdamL2SP"
+    _strength = "L2-SP strength"
 
     def __init__(
         self,
@@ -49,32 +56,29 @@ class AdamL2SP(AdamSPD):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
-        capturable: bool = False,
         anchor: str | Sequence[Tensor] = "init",
         anchor_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(decoupled, bool):
             raise TypeError(f"AdamL2SP: decoupled must be a bool, got {decoupled!r}")
-        self._decoupled_default = decoupled  # read by add_param_group during super().__init__
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
-            anchor=anchor, anchor_dtype=anchor_dtype,
-        )
-        self.defaults["decoupled"] = decoupled
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, fused=fused, spd=True,
+                        anchor_dtype=anchor_dtype, state_dtype=state_dtype, decoupled=decoupled)
+        super().__init__(params, defaults, anchor=anchor)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        group = dict(param_group)
-        group.setdefault("decoupled", self._decoupled_default)
-        if not isinstance(group["decoupled"], bool):
-            raise TypeError(f"AdamL2SP: group 'decoupled' must be a bool, got {group['decoupled']!r}")
-        super().add_param_group(group)
+        decoupled = param_group.get("decoupled", self.defaults.get("decoupled", False))
+        if not isinstance(decoupled, bool):
+            raise TypeError(f"AdamL2SP: group 'decoupled' must be a bool, got {decoupled!r}")
+        super().add_param_group(param_group)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_decoupled_default", False)
-        for group in self.param_groups:
-            group.setdefault("decoupled", False)
+    def _fill_group_defaults(self, group: dict[str, Any]) -> None:
+        super()._fill_group_defaults(group)
+        group.setdefault("decoupled", False)
+
+    def _group_keys(self) -> tuple[str, ...]:
+        return ("spd", "anchor", "decoupled")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -83,88 +87,51 @@ class AdamL2SP(AdamSPD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_step()
+        steps = []
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors = (
-                [] for _ in range(7)
-            )
-            # AdamSPD's state handling: moments, steps and lazily captured anchors.
-            self._init_group(
-                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors
-            )
-            if not params:
+            lists = self._gather(group)
+            if not len(lists):
                 continue
-            if not _uses_anchor(group):  # zero anchors (PEFT) or spd=False: no anchor tensors
-                anchors = [None] * len(params)
-            foreach, fused = _choose_path(group, params)
-            lam, lr, maximize = group["weight_decay"], group["lr"], group["maximize"]
-            decay = lam  # spd=False groups: plain AdamW decay in the shared Adam path
+            lam, maximize = group["weight_decay"], group["maximize"]
+            decay = lam  # spd=False groups: plain AdamW decay in the shared Adam backends
             if group["spd"]:
                 decay = 0.0
                 if lam != 0 and group["decoupled"]:
-                    _pull_towards_anchor(params, anchors, lr * lam, foreach)
+                    _pull_towards_anchor(lists, group["lr"] * lam)
                 elif lam != 0:
                     # Classic L2-SP: the penalty's gradient joins the (minimisation) gradient
                     # before the moments, as torch's Adam adds weight_decay * p.
-                    grads = _add_penalty_grad(grads, params, anchors, lam, maximize, foreach)
+                    lists.grads = _penalised_grads(lists, lam, maximize)
                     maximize = False
-            beta1, beta2 = group["betas"]
-            adam_spd(
-                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                [None] * len(params),
-                foreach=foreach, fused=fused, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
-                lr=lr, weight_decay=decay, eps=group["eps"], maximize=maximize, spd=False,
-                capturable=group["capturable"],
-            )
+            lists.anchors = [None] * len(lists)
+            hyper = self._hyper(group, spd=False, weight_decay=decay, maximize=maximize)
+            steps.append(GroupStep(lists, hyper, 0.0, group["foreach"], group["fused"]))
+        step_groups(steps, self._owner)
         return loss
 
 
-def _split(params: list[Tensor], anchors: list[Tensor | None]) -> tuple[list[int], list[int]]:
-    zero = [i for i, a in enumerate(anchors) if a is None]
-    given = [i for i, a in enumerate(anchors) if a is not None]
-    return zero, given
+def _pull_towards_anchor(lists: TensorLists, weight: float | Tensor) -> None:
+    """p <- p - weight * (p - p0): the projection with a fixed weight (p *= 1 - weight for zero
+    anchors)."""
+    for zero in (True, False):
+        idx = [i for i, a in enumerate(lists.anchors) if (a is None) == zero]
+        if idx:
+            ps = local_real([lists.params[i] for i in idx])
+            ans = local_real([lists.anchors[i] for i in idx])
+            w = torch.as_tensor(weight, dtype=torch.float64)
+            project_(ps, ans, [w.to(p.device, p.dtype) for p in ps])  # type: ignore[union-attr]
 
 
-def _pull_towards_anchor(
-    params: list[Tensor], anchors: list[Tensor | None], weight: float | Tensor, foreach: bool
-) -> None:
-    """p <- p - weight * (p - p0), i.e. lerp(p, p0, weight); p0 = 0 gives p *= 1 - weight."""
-    zero, given = _split(params, anchors)
-    if foreach:
-        per = isinstance(weight, Tensor)  # a Tensor lr: one 0-d weight per tensor
-        if zero:
-            zp = [params[i] for i in zero]
-            torch._foreach_mul_(zp, [1 - weight] * len(zp) if per else 1 - weight)
-        if given:
-            ps = [params[i] for i in given]
-            targets = [anchors[i].to(params[i].dtype) for i in given]  # type: ignore[union-attr]
-            torch._foreach_lerp_(ps, targets, [weight] * len(ps) if per else weight)
-        return
-    for i, p in enumerate(params):
-        a = anchors[i]
-        if a is None:
-            p.mul_(1 - weight)
-        else:
-            p.lerp_(a.to(p.dtype), weight)
-
-
-def _add_penalty_grad(
-    grads: list[Tensor], params: list[Tensor], anchors: list[Tensor | None], lam: float,
-    maximize: bool, foreach: bool,
-) -> list[Tensor]:
+def _penalised_grads(lists: TensorLists, lam: float, maximize: bool) -> list[Tensor]:
     """New gradient tensors (p.grad is left untouched): (+-g) + lam * (p - p0)."""
-    if maximize:
-        grads = [-g for g in grads]
-    if foreach:
-        out = torch._foreach_add(grads, params, alpha=lam)
-        zero, given = _split(params, anchors)
-        if given:
-            torch._foreach_add_(
-                [out[i] for i in given],
-                [anchors[i].to(params[i].dtype) for i in given],  # type: ignore[union-attr]
-                alpha=-lam,
-            )
-        return out
-    return [
-        g.add(p if a is None else p - a.to(p.dtype), alpha=lam)
-        for g, p, a in zip(grads, params, anchors, strict=True)
-    ]
+    grads = [-g for g in lists.grads] if maximize else list(lists.grads)
+    out = torch._foreach_add(grads, lists.params, alpha=lam)
+    given = [i for i, a in enumerate(lists.anchors) if a is not None]
+    if given:
+        torch._foreach_add_(
+            [out[i] for i in given],
+            [lists.anchors[i].to(lists.params[i].dtype) for i in given],  # type: ignore[union-attr]
+            alpha=-lam,
+        )
+    return out

@@ -11,7 +11,7 @@ from spdecay.stats import SPDStats
 
 def find_stats_source(optimizer: Any) -> Any:
     """The object with SPD stats inside framework wrappers (accelerate's AcceleratedOptimizer,
-    Lightning's LightningOptimizer): an AdamSPD (``spd_stats``) or an add-on (``stats``)."""
+    Lightning's LightningOptimizer): an AdamSPD or an add-on (both have ``spd_stats``)."""
     seen = 0
     while optimizer is not None and seen < 8:
         if callable(getattr(optimizer, "spd_stats", None)):
@@ -22,7 +22,7 @@ def find_stats_source(optimizer: Any) -> Any:
 
 
 def read_stats(source: Any) -> SPDStats:
-    return source.spd_stats() if hasattr(source, "spd_stats") else source.stats()
+    return source.spd_stats()
 
 
 class RunningSPDStats:

@@ -21,21 +21,69 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:  # DTensor is public from torch 2.4 on
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
+from spdecay.spd.dtensor import is_dtensor, to_local
+from spdecay.spd.layout import FlatLayout
 
-__all__ = ["is_dtensor", "to_local", "reduce_partial_sums"]
+__all__ = ["is_dtensor", "to_local", "reduce_partial_sums", "reduce_columns", "check_placements"]
 
 
-def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+def check_placements(params: Sequence[Tensor], owner: str = "SPD") -> None:
+    """Raise ValueError unless every DTensor is Shard or Replicate on each mesh dimension (run
+    before any state changes: a Partial placement cannot be reduced)."""
+    for i, p in enumerate(params):
+        if is_dtensor(p):
+            for placement in p.placements:
+                try:
+                    _is_shard(placement)
+                except ValueError as e:
+                    raise ValueError(f"{owner}: parameter {i}: {e}") from None
 
 
-def to_local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (possibly empty, possibly uneven), or the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
+def reduce_columns(sums: Tensor, sources: Sequence[Any]) -> Tensor:
+    """Whole-tensor sums for the columns of ``sums`` ([k, n], float64).
+
+    ``sources[j]`` says where column ``j`` came from: a Tensor (a plain tensor: already whole; a
+    DTensor: reduced over its mesh as :func:`reduce_partial_sums` does) or a FlatLayout (a
+    logical tensor of a flat engine partition: summed over the layout's process group, one
+    all-reduce per group for all its columns)."""
+    flat = [j for j, s in enumerate(sources) if isinstance(s, FlatLayout)]
+    if not flat:
+        return reduce_partial_sums(sums, sources)
+    out = sums.clone()
+    dense = [j for j, s in enumerate(sources) if not isinstance(s, FlatLayout)]
+    if dense:
+        idx = _index(dense, sums.device)
+        out[:, idx] = reduce_partial_sums(sums[:, idx], [sources[j] for j in dense])
+    by_group: dict[int, tuple[Any, list[int]]] = {}
+    for j in flat:
+        group = sources[j].process_group
+        if group is not None:
+            by_group.setdefault(id(group), (group, []))[1].append(j)
+    if by_group:
+        import torch.distributed as dist
+
+        for group, cols in by_group.values():
+            idx = _index(cols, sums.device)
+            part = out[:, idx].contiguous()
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+            out[:, idx] = part
+    return out
+
+
+_INDEX: dict[tuple, Tensor] = {}
+
+
+def _index(cols: list[int], device: torch.device) -> Tensor:
+    key = (tuple(cols), device)
+    idx = _INDEX.get(key)
+    if idx is None:
+        if len(_INDEX) > 64:
+            _INDEX.clear()
+        host = torch.tensor(cols, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        idx = _INDEX[key] = host.to(device, non_blocking=True)
+    return idx
 
 
 def reduce_partial_sums(sums: Tensor, params: Sequence[Tensor]) -> Tensor:

@@ -7,15 +7,15 @@ param group at once:
 1. ``_pass1``: Adam update, plus per-chunk partial sums of <g, p - p0>, ||p - p0||^2 and
    ||p_adam - p0||^2 - ||p - p0||^2 (summed directly, free of cancellation) written to a
    [3, n_chunks] buffer (no atomics: deterministic);
-2. ``_reduce``: one program per tensor sums its chunks in float64 and (without DTensors) takes
-   the SPD decision in the same kernel, mirroring :func:`spdecay._functional.spd_ratio`; with
-   DTensors the sums go through :func:`spdecay._sharding.reduce_partial_sums` and ``spd_ratio``;
-3. ``_pass2``: the projection ``p += coef * (p0 - p)``; chunks of tensors whose condition did not
-   fire return at once, so pass 2 only costs bandwidth where SPD acts.
+2. ``_reduce``: one program per tensor sums its chunks in float64 (and increments its step
+   count); the driver reduces the sums over shards and takes the decision
+   (:func:`spdecay.spd.decision.spd_ratio`);
+3. ``_pass2`` (the projector): ``p += coef * (p0 - p)``; chunks of tensors whose condition did
+   not fire return at once, so pass 2 only costs bandwidth where SPD acts.
 
 All tensors of a launch are reached through a device table of base addresses (one row per
 tensor) and a table of chunks (tensor index, first element), cached per set of addresses, so a
-step is 1 + 3 launches whatever the number of tensors, with no host sync: step counts and a
+step is a few launches whatever the number of tensors, with no host sync: step counts and a
 tensor ``lr`` are read by the kernels from device memory, so the step can be captured in a CUDA
 graph.
 
@@ -36,8 +36,10 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from spdecay._functional import SPDStepStats, _as_real, _single_tensor_adam_spd, spd_ratio
-from spdecay._sharding import is_dtensor, reduce_partial_sums, to_local
+from spdecay.spd.backends.numerics import as_real
+from spdecay.spd.driver import PartialStep
+from spdecay.spd.reduce import is_dtensor, to_local
+from spdecay.spd.work import AdamHyper, TensorLists
 
 try:
     import triton
@@ -48,9 +50,6 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
 
 HAS_TRITON = triton is not None
 
-# Take the SPD decision inside the reduce kernel when no parameter is a DTensor (saves ~10 tiny
-# launches per step); the benchmark flips it to measure the difference.
-FUSED_DECISION = True
 # Measured on an H100 (benchmarks/gpu_step_time.py --sweep): 1024 x 4 with 4 warps was 2-3%
 # faster than larger chunks or more warps on ViT-B, ViT-L and a LLaMA-7B layer stack.
 _BLOCK = 1024  # elements per inner iteration (128 threads x 8 contiguous elements)
@@ -71,6 +70,17 @@ def supports(params: list[Tensor]) -> bool:
         and all(map(attrgetter("is_cuda"), params))
         and set(map(attrgetter("dtype"), params)) <= _DEFAULT_DTYPES
     )
+
+
+def covers(lists: TensorLists, i: int, spd: bool) -> bool:
+    """Whether the kernels take tensor ``i``: dense tensors of one layout (any dim order) in a
+    supported dtype, on the step count's device; no FlatLayout."""
+    if not HAS_TRITON or lists.layouts[i] is not None:
+        return False
+    row = [lists.params[i], lists.grads[i], lists.exp_avgs[i], lists.exp_avg_sqs[i],
+           lists.max_exp_avg_sqs[i], lists.anchors[i] if spd else None]
+    row = [None if t is None else to_local(t) for t in as_real(row)]
+    return _kernel_compatible(row, lists.steps[i])
 
 
 if HAS_TRITON:
@@ -186,9 +196,7 @@ if HAS_TRITON:
     @triton.jit
     def _reduce(
         partials, n_chunks, tensor_first_chunk, sums, n_tensors, step_ptrs,
-        fired_ptr, ratio_ptr, coef_ptr, dev_ptr, weight_decay: tl.float64,
-        DECIDE: tl.constexpr, STEP_DT: tl.constexpr, RBLOCK: tl.constexpr,
-        R_ITERS: tl.constexpr,
+        STEP_DT: tl.constexpr, RBLOCK: tl.constexpr, R_ITERS: tl.constexpr,
     ):
         t = tl.program_id(0)
         step_ptr = tl.load(step_ptrs + t).to(tl.pointer_type(STEP_DT))
@@ -205,24 +213,9 @@ if HAS_TRITON:
             s0 += tl.load(partials + offs, mask=mask, other=0.0)
             s1 += tl.load(partials + n_chunks + offs, mask=mask, other=0.0)
             s2 += tl.load(partials + 2 * n_chunks + offs, mask=mask, other=0.0)
-        inner = tl.sum(s0, axis=0)
-        dev_sq = tl.sum(s1, axis=0)
-        delta = tl.sum(s2, axis=0)  # ||p_adam - p0||^2 - ||p - p0||^2
-        tl.store(sums + t, inner)
-        tl.store(sums + n_tensors + t, dev_sq)
-        tl.store(sums + 2 * n_tensors + t, delta)
-        if DECIDE:  # spd_ratio's decision for one tensor, with r in a cancellation-free form:
-            # r = (new - dev) / new = (new^2 - dev^2) / ((new + dev) * new)
-            dev = tl.sqrt(tl.maximum(dev_sq, 0.0))
-            new_dev = tl.sqrt(tl.maximum(dev_sq + delta, 0.0))
-            fired = inner > 0
-            safe = tl.where(new_dev > 0, (new_dev + dev) * new_dev, 1.0)
-            ratio = tl.minimum(tl.maximum(delta / safe, 0.0), 1.0)
-            ratio = tl.where(fired & (new_dev > 0), ratio, 0.0)
-            tl.store(fired_ptr + t, fired)
-            tl.store(ratio_ptr + t, ratio)
-            tl.store(coef_ptr + t, ratio * weight_decay)
-            tl.store(dev_ptr + t, dev)
+        tl.store(sums + t, tl.sum(s0, axis=0))
+        tl.store(sums + n_tensors + t, tl.sum(s1, axis=0))
+        tl.store(sums + 2 * n_tensors + t, tl.sum(s2, axis=0))  # ||p_adam - p0||^2 - ||p - p0||^2
 
     @triton.jit
     def _pass2(
@@ -339,12 +332,11 @@ class _Group:
         # Persistent buffers: no allocation per step, and stable addresses for CUDA graphs.
         self.partials = torch.empty(3 * chunks if spd else 1, dtype=torch.float64, device=device)
         self.sums = torch.empty(3, n, dtype=torch.float64, device=device)
-        self.fired = torch.empty(n, dtype=torch.bool, device=device)
-        self.ratio, self.coef, self.dev = torch.empty(3, n, dtype=torch.float64, device=device)
-        self.stats = (self.fired.unbind(), self.ratio.unbind(), self.dev.unbind())
+        self.coef = torch.zeros(n, dtype=torch.float64, device=device)
 
-    def launch(self, lr: float | Tensor, *, sharded: bool, params: list[Tensor],
-               beta1: float, beta2: float, weight_decay: float, eps: float):
+    def launch(self, lr: float | Tensor, *, beta1: float, beta2: float, weight_decay: float,
+               eps: float) -> Tensor | None:
+        """Pass 1 and the chunk sums; returns the sums [3, n] (None without SPD)."""
         t, meta = self.tables, self.meta
         p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, a_ptrs, step_ptrs = t.columns
         spd = meta["SPD"]
@@ -362,26 +354,20 @@ class _Group:
         )
         if not spd:
             return None
-        decide = FUSED_DECISION and not sharded
         _reduce[(self.n,)](
             self.partials, t.n_chunks, t.first_chunk, self.sums, self.n, step_ptrs,
-            self.fired, self.ratio, self.coef, self.dev, weight_decay, DECIDE=decide,
             STEP_DT=meta["STEP_DT"], RBLOCK=_REDUCE_BLOCK, R_ITERS=t.r_iters,
         )
-        coef, stats = self.coef, self.stats
-        if not decide:  # whole-tensor sums over the shard group, then the shared decision
-            sums = reduce_partial_sums(self.sums, [params[i] for i in self.idx])
-            fired, ratio, coef = spd_ratio(
-                sums[0], sums[1], sums[1] + sums[2], weight_decay, growth=sums[2]
-            )
-            coef = coef.contiguous()
-            stats = (fired.unbind(), ratio.unbind(), sums[1].clamp_min(0).sqrt().unbind())
+        return self.sums
+
+    def project(self, coef: Tensor) -> None:
+        t, meta = self.tables, self.meta
+        self.coef.copy_(coef)  # a persistent buffer: stable address for CUDA graphs
         _pass2[(t.n_chunks,)](
-            p_ptrs, a_ptrs, t.numels, t.chunk_tensor, t.chunk_start, coef,
+            t.columns[0], t.columns[5], t.numels, t.chunk_tensor, t.chunk_start, self.coef,
             P_DT=meta["P_DT"], A_DT=meta["A_DT"], C_DT=meta["C_DT"],
             HAS_ANCHOR=meta["HAS_ANCHOR"], BLOCK=_BLOCK, ITERS=_ITERS, num_warps=_NUM_WARPS,
         )
-        return stats
 
 
 class _Plan:
@@ -390,14 +376,10 @@ class _Plan:
     def __init__(self, cols: list[list[Tensor | None]], state_steps: list[Tensor], *,
                  spd: bool, amsgrad: bool, maximize: bool) -> None:
         # Flat local views (complex as real pairs, DTensors as their local shards).
-        local = [[None if x is None else to_local(x) for x in _as_real(list(col))] for col in cols]
+        local = [[None if x is None else to_local(x) for x in as_real(list(col))] for col in cols]
         groups: dict[tuple, list[int]] = {}
-        self.fallback: list[int] = []
-        for i, step in enumerate(state_steps):
+        for i, step in enumerate(state_steps):  # the planner sent only tensors that covers() took
             row = [col[i] for col in local]
-            if not _kernel_compatible(row, step):
-                self.fallback.append(i)
-                continue
             key = (*(None if x is None else x.dtype for x in row), row[0].device, step.dtype)
             groups.setdefault(key, []).append(i)
         self.groups = [
@@ -406,7 +388,7 @@ class _Plan:
             for idx in groups.values()
         ]
         self.n = len(state_steps)
-        self.simple = not self.fallback and len(self.groups) == 1  # stats in the input order
+        self.columns = [i for g in self.groups for i in g.idx]  # input index of each column
         self._refs: list[weakref.ref] = []
 
 
@@ -454,91 +436,41 @@ def _get_plan(cols, state_steps, *, sharded: bool, spd: bool, amsgrad: bool, max
     return plan
 
 
-def triton_adam_spd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    anchors: list[Tensor | None],
-    *,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    spd: bool,
-    capturable: bool = False,
-) -> SPDStepStats | None:
-    """Triton AdamSPD with the shared functional signature (see DEVELOPERS.md).
-
-    Always capturable: step counts and a device ``lr`` are read by the kernels. The returned
-    statistics live in buffers that the next step with the same tensors overwrites (read or
-    copy them before then; ``AdamSPD.spd_stats()`` copies).
-    """
+def adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
+    """Triton phase 1 for tensors :func:`covers` accepts. Always capturable: step counts and a
+    device ``lr`` are read by the kernels, buffers are persistent per set of tensors."""
     if not HAS_TRITON:
         raise RuntimeError("AdamSPD(fused=True) on this device needs Triton: pip install triton")
-    return _triton_adam_spd(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
-        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-        maximize=maximize, spd=spd,
-    )
+    return _adam_and_sums(lists, h)
 
 
 @torch.compiler.disable  # data_ptr() tables and Triton launches run eagerly inside compiled code
-def _triton_adam_spd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    anchors: list[Tensor | None],
-    *,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    spd: bool,
-) -> SPDStepStats | None:
-    n = len(params)
-    if n == 0:
-        return SPDStepStats([], [], []) if spd else None
+def _adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
+    n = len(lists)
     none = [None] * n
-    cols = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else none,
-            anchors if spd else none]
-    sharded = any(map(is_dtensor, params))
-    plan = _get_plan(cols, state_steps, sharded=sharded, spd=spd, amsgrad=amsgrad,
-                     maximize=maximize)
-    hyper = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
-
-    results: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-    if plan.fallback:  # odd layouts or dtypes: the reference path, per tensor
-        pick = lambda xs: [xs[i] for i in plan.fallback]  # noqa: E731
-        out = _single_tensor_adam_spd(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-            pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), pick(cols[5]),
-            amsgrad=amsgrad, lr=lr, maximize=maximize, spd=spd, **hyper,
-        )
-        if out is not None:
-            results.update(zip(plan.fallback, zip(*out, strict=True), strict=True))
-    outs = [
-g.launch(lr, sharded=sharded, params=params, **hyper) for g in plan.groups
-    ]
-    if not spd:
+    cols = [lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs,
+            lists.max_exp_avg_sqs if h.amsgrad else none, lists.anchors if h.spd else none]
+    sharded = any(map(is_dtensor, lists.params))
+    plan = _get_plan(cols, lists.steps, sharded=sharded, spd=h.spd, amsgrad=h.amsgrad,
+                     maximize=h.maximize)
+    hyper = dict(beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay, eps=h.eps)
+    sums = [g.launch(h.lr, **hyper) for g in plan.groups]
+    if not h.spd:
         return None
-    if plan.simple:
-        return SPDStepStats(*(list(col) for col in outs[0]))
-    for g, out in zip(plan.groups, outs, strict=True):
-        results.update(zip(g.idx, zip(*out, strict=True), strict=True))
-    ordered = [results[i] for i in range(n)]
-    return SPDStepStats(*(list(col) for col in zip(*ordered, strict=True)))
+    sums_all = sums[0] if len(sums) == 1 else torch.cat(sums, dim=1)
+    sources = [lists.params[i] for i in plan.columns]
+    return PartialStep(sums_all, _Projector(plan.groups), sources, 0.0, plan.columns)
+
+
+class _Projector:
+    def __init__(self, groups: list[_Group]) -> None:
+        self.groups = groups
+
+    def project(self, coef: Tensor) -> None:
+        start = 0
+        for g in self.groups:
+            g.project(coef[start : start + g.n])
+            start += g.n
 
 
 def _log2(beta: float) -> float:

@@ -1,0 +1,324 @@
+"""The torch multi-tensor backend: Adam plus the SPD sums over 1-D pieces of tensors.
+
+Every tensor is cut into *pieces* that the same code steps with ``torch._foreach_*`` ops:
+
+* small tensors (many biases and norms) are gathered into one flat buffer (a CPU foreach op
+  costs ~1.5 us per tensor; one long vector is cheaper), their sums taken per segment;
+* on CPU, large tensors are walked in cache-sized slices, every op applied to one slice before
+  the next (one op per whole tensor would stream each buffer from memory again and again);
+* on other devices, whole tensors in batches of about ``_CHUNK_NUMEL`` elements;
+* a flat engine partition with a :class:`~spdecay.spd.FlatLayout` is sliced like a large tensor,
+  its sums taken per segment and scattered to the logical tensors (padding gets plain Adam).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spdecay.spd.backends.numerics import adam_coefficients, dot, local_real
+from spdecay.spd.decision import project_
+from spdecay.spd.driver import PartialStep
+from spdecay.spd.layout import segment_ids
+from spdecay.spd.reduce import is_dtensor
+from spdecay.spd.work import AdamHyper, TensorLists
+
+# Tensors up to this size are gathered into one flat buffer.
+_SMALL_NUMEL = 4096
+# Off CPU, whole tensors are stepped in batches of about this many elements (bounded temporaries).
+_CHUNK_NUMEL = 1 << 23
+# On CPU, large tensors are walked in slices of this many elements (cache-resident working set).
+_SLICE_NUMEL = 1 << 19
+
+
+def _walk_in_slices(device: torch.device) -> bool:
+    """CPU: slice by slice (cache-resident); other devices: whole tensors in batches."""
+    return device.type == "cpu"
+
+
+class _Piece:
+    """1-D (or, for non-contiguous tensors, whole) views of one part of a tensor's step."""
+
+    __slots__ = ("t", "scale", "shift", "seg", "width", "col")
+
+    def __init__(self, t: list, scale: Tensor, shift: Tensor, seg: Tensor | None,
+                 width: int, col: int) -> None:
+        self.t = t  # [p, g, m, v, vmax, a]
+        self.scale, self.shift = scale, shift  # 0-d, or per element for gathered pieces
+        self.seg, self.width, self.col = seg, width, col  # seg: column per element (or None)
+
+
+def _slices(n: int) -> list[slice]:
+    if n == 0:  # an empty local shard (FSDP2, more ranks than rows)
+        return [slice(0, 0)]
+    return [slice(i, min(i + _SLICE_NUMEL, n)) for i in range(0, n, _SLICE_NUMEL)]
+
+
+def _flat_ok(ts: list[Tensor | None]) -> bool:
+    return all(t is None or t.is_contiguous() for t in ts)
+
+
+def _gatherable(lists: TensorLists, i: int) -> bool:
+    p = lists.params[i]
+    return (lists.layouts[i] is None and not is_dtensor(p) and not p.is_complex()
+            and p.numel() <= _SMALL_NUMEL
+            and _flat_ok([p, lists.grads[i], lists.exp_avgs[i], lists.exp_avg_sqs[i],
+                          lists.max_exp_avg_sqs[i], lists.anchors[i]]))
+
+
+def _partitions(lists: TensorLists, spd: bool) -> list[tuple[list[int], bool]]:
+    """Index lists sharing device, dtypes, anchor kind and shard-ness; small ones flagged."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(lists.params):
+        a = lists.anchors[i] if spd else None
+        key = (p.device, p.dtype, lists.grads[i].dtype, lists.exp_avgs[i].dtype, is_dtensor(p),
+               a is None, None if a is None else a.dtype, _gatherable(lists, i))
+        groups.setdefault(key, []).append(i)
+    return [(idx, key[-1]) for key, idx in groups.items()]
+
+
+def adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
+    sums, projectors, sources, columns = [], [], [], []
+    base = [0]
+    for i in range(len(lists)):
+        base.append(base[-1] + lists.width(i))
+    for idx, small in _partitions(lists, h.spd):
+        part = lists.pick(idx)
+        run = _Partition(part, h, small)
+        if h.spd:
+            sums.append(run.sums)
+            projectors.append(run)
+            sources += part.sources()
+            columns += [base[i] + k for i in idx for k in range(lists.width(i))]
+    if not h.spd:
+        return None
+    return PartialStep(torch.cat(sums, dim=1), _Projectors(projectors), sources, 0.0, columns)
+
+
+class _Projectors:
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def project(self, coef: Tensor) -> None:
+        start = 0
+        for part in self.parts:
+            n = part.sums.shape[1]
+            part.project(coef[start : start + n])
+            start += n
+
+
+class _Partition:
+    """Phase 1 of one partition at construction (``sums``: [3, columns]); ``project`` is phase 2."""
+
+    def __init__(self, lists: TensorLists, h: AdamHyper, small: bool) -> None:
+        n = len(lists)
+        self.h, self.lists = h, lists
+        torch._foreach_add_(lists.steps, 1)
+        neg_step_size, bc2_sqrt = adam_coefficients(torch.stack(lists.steps), beta1=h.beta1,
+                                                    beta2=h.beta2, lr=h.lr)
+        # denom = sqrt(v) / (bc2_sqrt * -step_size) + eps / -step_size, so p += m / denom
+        scale, shift = bc2_sqrt * neg_step_size, h.eps / neg_step_size
+        anchors = lists.anchors if h.spd else [None] * n
+        self.local = [local_real(list(row)) for row in zip(
+            lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.max_exp_avg_sqs,
+            anchors)]
+        self.gathered = None
+        if small:
+            pieces = [self._gather(scale, shift)]
+        else:
+            pieces = self._split(scale, shift)
+        cpu = _walk_in_slices(lists.params[0].device)
+        results = []
+        for batch in _batches(pieces, cpu):
+            results += _step_batch(batch, h)
+        if self.gathered is not None:
+            self._scatter_state()
+            if not h.spd:
+                self._scatter_params()
+        if not h.spd:
+            return
+        self.sums = self._collect(pieces, results, n)
+
+    # ------------------------------------------------------------------------- pieces
+    def _gather(self, scale: Tensor, shift: Tensor) -> _Piece:
+        rows = self.local
+        sizes = [r[0].numel() for r in rows]
+        dtype = torch.promote_types(rows[0][0].dtype, rows[0][2].dtype)
+        device = rows[0][0].device
+        seg = _tensor_ids(tuple(sizes), device)
+
+        def flat(k: int) -> Tensor | None:
+            if rows[0][k] is None:
+                return None
+            return torch._C._nn.flatten_dense_tensors([r[k] for r in rows]).to(dtype)
+
+        t = [flat(k) for k in range(6)]
+        self.gathered = (t, sizes, dtype)
+        return _Piece(t, scale.to(dtype).index_select(0, seg), shift.to(dtype).index_select(0, seg),
+                      seg, len(rows), 0)
+
+    def _split(self, scale: Tensor, shift: Tensor) -> list[_Piece]:
+        state_dtype = self.local[0][2].dtype
+        scale, shift = scale.to(state_dtype).unbind(), shift.to(state_dtype).unbind()
+        cpu = _walk_in_slices(self.lists.params[0].device)
+        out, col = [], 0
+        for i, row in enumerate(self.local):
+            layout = self.lists.layouts[i]
+            width = self.lists.width(i)
+            if not _flat_ok(row):  # e.g. a transposed parameter: whole, as it is
+                out.append(_Piece(row, scale[i], shift[i], None, 1, col))
+            else:
+                flat = [None if t is None else t.view(-1) for t in row]
+                seg = None if layout is None else segment_ids(layout, row[0].numel(), row[0].device)
+                for sl in _slices(flat[0].numel()) if cpu or seg is not None else [slice(None)]:
+                    out.append(_Piece([None if t is None else t[sl] for t in flat], scale[i],
+                                      shift[i], None if seg is None else seg[sl], width, col))
+            col += width
+        return out
+
+    def _scatter_state(self) -> None:
+        t, sizes, _ = self.gathered
+        for k in (2, 3, 4):
+            if t[k] is not None:
+                dst = [r[k].view(-1) for r in self.local]
+                torch._foreach_copy_(dst, list(t[k].split(sizes)))
+
+    def _scatter_params(self) -> None:
+        t, sizes, _ = self.gathered
+        torch._foreach_copy_([r[0].view(-1) for r in self.local], list(t[0].split(sizes)))
+
+    def _collect(self, pieces: list[_Piece], results: list[Tensor], n_params: int) -> Tensor:
+        if self.gathered is not None:
+            return results[0][:, :-1]
+        cols: list[Tensor | None] = []
+        for piece, r in zip(pieces, results):
+            if piece.col >= len(cols):  # the first piece of a tensor
+                cols += [None] * (piece.col + piece.width - len(cols))
+            if piece.seg is None:
+                cols[piece.col] = r if cols[piece.col] is None else cols[piece.col] + r
+            else:
+                acc = cols[piece.col]
+                cols[piece.col] = r if acc is None else acc + r
+        out = []
+        for piece_col in range(len(cols)):
+            c = cols[piece_col]
+            if c is None:  # logical columns of a layout after its first (kept in the first)
+                continue
+            out.append(c.unsqueeze(1) if c.dim() == 1 else c[:, :-1])
+        return torch.cat(out, dim=1).to(torch.float64)
+
+    # -------------------------------------------------------------------------- phase 2
+    def project(self, coef: Tensor) -> None:
+        if self.gathered is not None:
+            t, _, dtype = self.gathered
+            seg = _tensor_ids(tuple(self.gathered[1]), t[0].device)
+            project_([t[0]], [t[5]], [coef.to(dtype).index_select(0, seg)])
+            self._scatter_params()
+            return
+        dtype = self.local[0][0].dtype
+        plain, plain_a, weights = [], [], []
+        start = 0
+        for i, row in enumerate(self.local):
+            layout = self.lists.layouts[i]
+            width = self.lists.width(i)
+            c = coef[start : start + width].to(dtype)
+            start += width
+            if layout is None:
+                plain.append(row[0])
+                plain_a.append(row[5])
+                weights.append(c[0])
+                continue
+            ids = segment_ids(layout, row[0].numel(), row[0].device)
+            weight = torch.cat([c, c.new_zeros(1)]).index_select(0, ids)  # padding: 0
+            project_([row[0]], [row[5]], [weight])
+        project_(plain, plain_a, weights)
+
+
+_IDS: dict[tuple, Tensor] = {}
+
+
+def _tensor_ids(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """Which tensor each element of a gathered buffer belongs to (built once per layout, copied
+    without blocking: a blocking copy would stall the GPU)."""
+    key = (sizes, device)
+    if key not in _IDS:
+        if len(_IDS) > 64:
+            _IDS.clear()
+        ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        if device.type == "cuda":
+            ids = ids.pin_memory()
+        _IDS[key] = ids.to(device, non_blocking=True)
+    return _IDS[key]
+
+
+def _batches(pieces: list[_Piece], cpu: bool) -> list[list[_Piece]]:
+    """CPU: one piece at a time (cache-resident); else whole tensors in bounded batches; pieces
+    with per-element coefficients or segments always on their own."""
+    if cpu:
+        return [[p] for p in pieces]
+    out: list[list[_Piece]] = []
+    current: list[_Piece] = []
+    numel = 0
+    for piece in pieces:
+        if piece.seg is not None or piece.scale.dim() > 0:
+            out.append([piece])
+            continue
+        current.append(piece)
+        numel += piece.t[0].numel()
+        if numel >= _CHUNK_NUMEL:
+            out.append(current)
+            current, numel = [], 0
+    if current:
+        out.append(current)
+    return out
+
+
+def _segment_sum(x: Tensor, seg: Tensor, width: int) -> Tensor:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.zeros(width + 1, device=x.device, dtype=acc).index_add_(0, seg, x.to(acc))
+
+
+def _step_batch(batch: list[_Piece], h: AdamHyper) -> list[Tensor]:
+    """Adam on a batch of pieces in place; per piece its sums ([3], or [3, width + 1] with the
+    padding column last for pieces with segments)."""
+    p, g, m, v, vmax, a = (list(col) for col in zip(*(piece.t for piece in batch)))
+    if h.maximize:
+        g = torch._foreach_neg(g)
+    if h.spd:
+        d = p if a[0] is None else torch._foreach_sub(p, [x.to(y.dtype) for x, y in zip(a, p)])
+        pre = [_pre_sums(gi, di, piece) for gi, di, piece in zip(g, d, batch)]
+    elif h.weight_decay != 0:  # AdamW: decoupled decay before the Adam update
+        torch._foreach_mul_(p, 1 - h.lr * h.weight_decay)
+    if g[0].dtype != m[0].dtype:  # moments kept in a higher precision (state_dtype)
+        g = [x.to(m[0].dtype) for x in g]
+    torch._foreach_lerp_(m, g, 1 - h.beta1)
+    torch._foreach_mul_(v, h.beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - h.beta2)
+    if h.amsgrad:
+        torch._foreach_maximum_(vmax, v)
+        v = vmax
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [piece.scale for piece in batch])
+    torch._foreach_add_(denom, [piece.shift for piece in batch])
+    if not h.spd:
+        torch._foreach_addcdiv_(p, m, denom)
+        return []
+    update = torch._foreach_div(m, denom)
+    del denom
+    out = []
+    for pre_i, u, di, piece in zip(pre, update, d, batch):  # before p moves: d may alias p
+        if piece.seg is None:
+            growth = 2 * dot(u, di) + dot(u, u)
+            out.append(torch.stack([*pre_i, growth]).to(torch.float64))
+        else:
+            growth = 2 * _segment_sum(u * di, piece.seg, piece.width) + _segment_sum(
+                u * u, piece.seg, piece.width)
+            out.append(torch.stack([*pre_i, growth]).to(torch.float64))
+    torch._foreach_add_(p, update)
+    return out
+
+
+def _pre_sums(g: Tensor, d: Tensor, piece: _Piece) -> tuple[Tensor, Tensor]:
+    if piece.seg is None:
+        return dot(g, d), dot(d, d)
+    return _segment_sum(g * d, piece.seg, piece.width), _segment_sum(d * d, piece.seg, piece.width)

@@ -1,0 +1,123 @@
+"""Flat engine partitions: one 1-D tensor holding segments of several logical tensors.
+
+DeepSpeed ZeRO-1/2 replaces a param group's tensors by one flat fp32 partition per rank. SPD
+decides per *logical* tensor, so such a parameter carries a :class:`FlatLayout`: its sums are
+computed per segment, scattered to the logical tensor they belong to and all-reduced over the
+layout's process group; elements outside every segment (padding) get plain Adam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spdecay.spd.dtensor import is_dtensor
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Which logical tensors the segments of a flat 1-D parameter belong to.
+
+    ``offsets``/``lengths``: start and length of each segment in the local flat tensor;
+    ``logical_ids``: the logical tensor of each segment, in ``range(num_logical)`` (a tensor
+    split in two segments has its id twice); ``num_logical``: logical tensors described, the
+    same on every rank; ``process_group``: the per-logical sums are all-reduced (SUM) over it
+    (None: no reduction); ``names``: optional names of the logical tensors (for stats).
+    """
+
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    logical_ids: tuple[int, ...]
+    num_logical: int
+    process_group: Any = None
+    names: tuple[str, ...] | None = None
+
+    def signature(self) -> tuple:
+        """Everything but the process group (hashable, for caches)."""
+        return (self.offsets, self.lengths, self.logical_ids, self.num_logical)
+
+
+def check_layout(param: Tensor, layout: FlatLayout) -> FlatLayout:
+    """Validate ``layout`` for ``param`` (1-D, segments inside it, non-overlapping, ids in
+    range); raises TypeError/ValueError naming the problem."""
+    if not isinstance(layout, FlatLayout):
+        raise TypeError(f"set_flat_layout: expected a FlatLayout, got {type(layout).__name__}")
+    if not isinstance(param, Tensor) or is_dtensor(param):
+        raise TypeError("set_flat_layout: the parameter must be a plain (non-DTensor) Tensor")
+    if param.dim() != 1:
+        raise ValueError(
+            f"set_flat_layout: the parameter must be 1-D (a flat partition), got shape "
+            f"{tuple(param.shape)}"
+        )
+    if param.is_complex() or not param.is_floating_point():
+        raise TypeError(f"set_flat_layout: the parameter must be real floating, got {param.dtype}")
+    n = len(layout.offsets)
+    if len(layout.lengths) != n or len(layout.logical_ids) != n:
+        raise ValueError(
+            "FlatLayout: offsets, lengths and logical_ids must have the same length, got "
+            f"{n}, {len(layout.lengths)}, {len(layout.logical_ids)}"
+        )
+    if not isinstance(layout.num_logical, int) or layout.num_logical < 1:
+        raise ValueError(f"FlatLayout: num_logical must be an int >= 1, got {layout.num_logical!r}")
+    if layout.names is not None and len(layout.names) != layout.num_logical:
+        raise ValueError(
+            f"FlatLayout: {len(layout.names)} names for {layout.num_logical} logical tensors"
+        )
+    numel = param.numel()
+    end = 0
+    for k in sorted(range(n), key=lambda k: layout.offsets[k]):
+        off, length, lid = layout.offsets[k], layout.lengths[k], layout.logical_ids[k]
+        for name, v in (("offset", off), ("length", length), ("logical id", lid)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"FlatLayout: segment {k}: {name} must be an int >= 0, got {v!r}")
+        if lid >= layout.num_logical:
+            raise ValueError(
+                f"FlatLayout: segment {k}: logical id {lid} not in range({layout.num_logical})"
+            )
+        if off + length > numel:
+            raise ValueError(
+                f"FlatLayout: segment {k} [{off}, {off + length}) lies outside the parameter "
+                f"({numel} elements)"
+            )
+        if off < end:
+            raise ValueError(f"FlatLayout: segment {k} starting at {off} overlaps the previous one")
+        end = off + length
+    return layout
+
+
+_IDS: dict[tuple, Tensor] = {}
+
+
+def segment_ids(layout: FlatLayout, numel: int, device: torch.device) -> Tensor:
+    """The logical id of every element (``num_logical`` for padding), int64 on ``device``;
+    built once per layout on the host and copied without blocking."""
+    key = (layout.signature(), numel, device)
+    ids = _IDS.get(key)
+    if ids is None:
+        if len(_IDS) > 64:
+            _IDS.clear()
+        host = torch.full((numel,), layout.num_logical, dtype=torch.int64)
+        for off, length, lid in zip(layout.offsets, layout.lengths, layout.logical_ids):
+            host[off : off + length] = lid
+        if device.type == "cuda":
+            host = host.pin_memory()
+        ids = _IDS[key] = host.to(device, non_blocking=True)
+    return ids
+
+
+def pieces(layout: FlatLayout, numel: int) -> list[tuple[int, int, int]]:
+    """(start, length, logical id or -1 for padding) covering ``[0, numel)`` in order."""
+    out, pos = [], 0
+    for k in sorted(range(len(layout.offsets)), key=lambda k: layout.offsets[k]):
+        off, length = layout.offsets[k], layout.lengths[k]
+        if off > pos:
+            out.append((pos, off - pos, -1))
+        if length:
+            out.append((off, length, layout.logical_ids[k]))
+        pos = off + length
+    if pos < numel:
+        out.append((pos, numel - pos, -1))
+    return out

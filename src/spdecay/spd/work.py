@@ -1,0 +1,70 @@
+"""What a backend is given: the tensors of one param group's step and its hyper-parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from spdecay.spd.layout import FlatLayout
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """``weight_decay`` is the decoupled AdamW decay applied where ``spd`` is False; SPD
+    strengths go to the driver instead."""
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    spd: bool
+
+
+@dataclass
+class TensorLists:
+    """Parallel lists, one entry per parameter (torch's functional-optimizer convention).
+
+    ``max_exp_avg_sqs`` entries are None without amsgrad, ``anchors`` None for zero anchors (and
+    where ``spd`` is False), ``layouts`` None for ordinary tensors."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor | None]
+    steps: list[Tensor]
+    anchors: list[Tensor | None]
+    layouts: list[FlatLayout | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.params)
+        if not self.layouts:
+            self.layouts = [None] * n
+        if not self.max_exp_avg_sqs:
+            self.max_exp_avg_sqs = [None] * n
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def pick(self, idx: list[int]) -> TensorLists:
+        return TensorLists(*([xs[i] for i in idx] for xs in self.columns_of_lists()))
+
+    def columns_of_lists(self) -> tuple[list, ...]:
+        return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
+                self.steps, self.anchors, self.layouts)
+
+    def width(self, i: int) -> int:
+        """Columns (decisions) of parameter ``i``: one, or a layout's logical tensors."""
+        layout = self.layouts[i]
+        return 1 if layout is None else layout.num_logical
+
+    def sources(self) -> list:
+        """Per column: the parameter, or the layout whose process group reduces it."""
+        out: list = []
+        for p, layout in zip(self.params, self.layouts):
+            out += [p] if layout is None else [layout] * layout.num_logical
+        return out
