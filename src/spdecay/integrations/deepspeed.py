@@ -1,0 +1,193 @@
+"""DeepSpeed ZeRO stages 1 and 2: tell the SPD optimizer which layers its flat partitions hold.
+
+ZeRO-1/2 flattens each param group into one buffer, splits it evenly across the data-parallel
+ranks and hands the client optimizer one flat fp32 tensor per group. SPD decides per layer, so
+after ``deepspeed.initialize`` call::
+
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=AdamSPD(...), config=cfg)
+    spdecay.integrations.deepspeed.attach(engine)
+
+:func:`attach` computes, for every flat partition, which slice of which original tensor each
+segment is (a :class:`~spdecay.spd.layout.FlatLayout`) and gives it to the optimizer
+(:class:`~spdecay.AdamSPD`, or the :class:`~spdecay.SelectiveProjectionDecay` add-on around a
+torch optimizer). SPD then sums per segment, all-reduces the per-layer sums over the group's
+data-parallel process group and decides per original tensor, as on one process. Without the
+call the optimizer refuses to step the flat buffers.
+
+Refused with an error naming the problem: ZeRO-3, optimizer offload (ZeRO-Offload), ZenFlow,
+MoE expert groups, the BF16/FP16 wrappers DeepSpeed uses without ZeRO (they flatten too), and
+client optimizers that are neither AdamSPD nor carry the SPD add-on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from spdecay.spd.layout import FlatLayout
+
+__all__ = ["attach", "zero_layouts"]
+
+
+def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
+    """Give the SPD optimizer of a DeepSpeed ``engine`` the layout of its flat partitions.
+
+    Call it once on every rank, right after ``deepspeed.initialize`` (before training and before
+    ``engine.load_checkpoint``). ``addon``: the :class:`~spdecay.SelectiveProjectionDecay` around
+    the client optimizer (found automatically when omitted). Returns the layouts, one per param
+    group. Without ZeRO (stage 0, fp32) DeepSpeed keeps the original tensors and there is nothing
+    to attach: an empty list is returned.
+    """
+    wrapper = getattr(engine, "optimizer", None)
+    if wrapper is None:
+        raise TypeError(
+            "spdecay.integrations.deepspeed.attach: expected the engine returned by "
+            f"deepspeed.initialize(...) with an optimizer, got {type(engine).__name__}"
+        )
+    kind = type(wrapper).__name__
+    if kind == "DeepSpeedZeroOptimizer_Stage3":
+        raise NotImplementedError(
+            "spdecay.integrations.deepspeed.attach: ZeRO stage 3 is not supported: it partitions "
+            "every tensor separately and steps sub-groups of partitions that spdecay does not map "
+            "yet. Use ZeRO stage 1 or 2 (\"zero_optimization\": {\"stage\": 2})."
+        )
+    client = getattr(wrapper, "optimizer", None)
+    if kind != "DeepSpeedZeroOptimizer":
+        if _spd_target(wrapper, addon, required=False) is not None:
+            return []  # the client optimizer itself: DeepSpeed did not flatten anything
+        raise NotImplementedError(
+            f"spdecay.integrations.deepspeed.attach: DeepSpeed wraps the optimizer in {kind}, "
+            "which flattens parameters in a layout spdecay does not map. Supported: ZeRO stages "
+            "1 and 2 (\"zero_optimization\": {\"stage\": 1 or 2}, fp32, bf16 or fp16), or no "
+            "ZeRO with fp32."
+        )
+    for flag, what in (("cpu_offload", "optimizer offload (offload_optimizer)"),
+                       ("zenflow", "ZenFlow"), ("has_moe_layers", "MoE expert groups")):
+        if getattr(wrapper, flag, False):
+            raise NotImplementedError(
+                f"spdecay.integrations.deepspeed.attach: {what} is not supported with SPD; "
+                "use ZeRO stage 1 or 2 without it."
+            )
+    target = _spd_target(client, addon, required=True)
+    layouts = zero_layouts(wrapper)
+    for flat, layout in zip(wrapper.single_partition_of_fp32_groups, layouts):
+        target.set_flat_layout(flat, layout)
+    return layouts
+
+
+def zero_layouts(zero: Any) -> list[FlatLayout]:
+    """The :class:`FlatLayout` of each param group's local fp32 partition of a ZeRO-1/2
+    optimizer (``engine.optimizer``), in group order.
+
+    DeepSpeed lays a group out as its trainable tensors in (possibly round-robin reordered)
+    order, each optionally padded to an alignment, the whole padded to a multiple of the
+    data-parallel size, then cut into equal partitions; rank ``r`` holds
+    ``[r * partition_size, (r + 1) * partition_size)``. Logical ids are the tensors' positions in
+    the original param group, so they agree across ranks.
+    """
+    import torch.distributed as dist
+
+    from spdecay.spd.layout import FlatLayout
+
+    layouts = []
+    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+        group = zero.real_dp_process_group[i]
+        rank = dist.get_rank(group=group)
+        originals = zero.bit16_groups[i]
+        ordered = zero.round_robin_bit16_groups[i]
+        numels = [m.numel() for m in zero.round_robin_bit16_meta[i]] if hasattr(
+            zero, "round_robin_bit16_meta") else [p.numel() for p in ordered]
+        offsets = getattr(zero, "round_robin_bit16_offsets", None)
+        offsets = offsets[i] if offsets is not None else _cumulative(numels)
+        size = int(zero.partition_size[i])
+        if flat.dim() != 1 or flat.numel() != size:
+            raise RuntimeError(
+                f"spdecay.integrations.deepspeed: param group {i}: the local partition has shape "
+                f"{tuple(flat.shape)}, expected ({size},); this DeepSpeed version lays partitions "
+                "out differently from what spdecay supports"
+            )
+        logical = {id(p): k for k, p in enumerate(originals)}
+        start, end = rank * size, (rank + 1) * size
+        segments = []
+        for p, off, n in zip(ordered, offsets, numels):
+            lo, hi = max(off, start), min(off + n, end)
+            if lo < hi:
+                segments.append((lo - start, hi - lo, logical[id(p)]))
+        _check_placement(zero, i, ordered, offsets)
+        names = _names(zero, originals)
+        layouts.append(FlatLayout(
+            offsets=tuple(s[0] for s in segments),
+            lengths=tuple(s[1] for s in segments),
+            logical_ids=tuple(s[2] for s in segments),
+            num_logical=len(originals),
+            process_group=group,
+            names=names,
+        ))
+    return layouts
+
+
+def _cumulative(numels: list[int]) -> list[int]:
+    out, pos = [], 0
+    for n in numels:
+        out.append(pos)
+        pos += n
+    return out
+
+
+def _check_placement(zero: Any, i: int, ordered: list[Tensor], offsets: list[int]) -> None:
+    # Where each model tensor's storage lies in the group's flat buffer is the ground truth of
+    # the layout DeepSpeed steps: an independent check of the offsets read from its bookkeeping
+    # (its own fragment map, ``_hp_mapping``, ignores round_robin_gradients' order).
+    buffers = getattr(zero, "bit16_groups_flat", None)
+    if buffers is None:
+        return
+    buffer = buffers[i]
+    base = buffer.untyped_storage().data_ptr()
+    for p, off in zip(ordered, offsets):
+        if p.data.untyped_storage().data_ptr() != base:
+            continue  # not a view of the buffer (moved or swapped): nothing to compare
+        at = p.data.storage_offset() - buffer.storage_offset()
+        if at != off:
+            raise RuntimeError(
+                f"spdecay.integrations.deepspeed: param group {i}: a tensor of shape "
+                f"{tuple(p.shape)} lies at element {at} of DeepSpeed's flat buffer, spdecay "
+                f"computed {off}; this DeepSpeed version lays groups out differently (not "
+                "supported)"
+            )
+
+
+def _names(zero: Any, originals: list[Tensor]) -> tuple[str, ...] | None:
+    names = getattr(zero, "param_names", None) or {}
+    found = [names.get(p) for p in originals]
+    return tuple(found) if all(isinstance(n, str) for n in found) else None
+
+
+def _spd_target(optimizer: Any, addon: Any, required: bool) -> Any:
+    """AdamSPD itself, or the SPD add-on hooked into a torch optimizer."""
+    from spdecay import AdamSPD, SelectiveProjectionDecay
+
+    if addon is not None:
+        if not isinstance(addon, SelectiveProjectionDecay):
+            raise TypeError(
+                f"attach: addon must be a SelectiveProjectionDecay, got {type(addon).__name__}"
+            )
+        if addon.optimizer is not optimizer:
+            raise ValueError("attach: the add-on does not wrap the engine's client optimizer")
+        return addon
+    if isinstance(optimizer, AdamSPD):
+        return optimizer
+    hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {}) or {}
+    found = [h.__self__ for h in hooks.values()
+             if isinstance(getattr(h, "__self__", None), SelectiveProjectionDecay)]
+    if len(found) == 1:
+        return found[0]
+    if required:
+        raise TypeError(
+            "spdecay.integrations.deepspeed.attach: the engine's client optimizer is "
+            f"{type(optimizer).__name__} with {len(found)} SPD add-ons; expected spdecay.AdamSPD "
+            "or a torch optimizer wrapped by one spdecay.SelectiveProjectionDecay (pass it as "
+            "attach(engine, addon=...))"
+        )
+    return None
