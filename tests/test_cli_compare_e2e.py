@@ -29,8 +29,8 @@ def _compare(*args: str):
 
 
 def _check_run_folder(out: Path, optimizers: list[str], ood_names: set[str], table: str) -> list[dict]:
-    for name in ("config.json", "results.jsonl", "results.csv", "report.md",
-                 "id_vs_ood.png", "layer_deviation.png", "spd_fired.png"):
+    for name in ("config.json", "results.jsonl", "results.csv", "report.md", "run_notes.json",
+                 "id_vs_ood.png", "layer_deviation.png", "spd_fired.png", "paired_differences.png"):
         assert (out / name).is_file(), name
     assert (out / "id_vs_ood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "checkpoints").exists()  # finished runs leave no checkpoint behind
@@ -47,9 +47,13 @@ def _check_run_folder(out: Path, optimizers: list[str], ood_names: set[str], tab
         for metrics in (r["val"], r["test"], *r["ood"].values()):
             assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
         assert math.isfinite(r["train_loss"]) and r["wall_time_s"] > 0
-        assert r["deviation"]["total"] > 0 and 0 < r["deviation"]["relative"] < 1
-        assert len(r["layers"]["names"]) == len(r["layers"]["deviation"]) > 0
+        if r["optimizer"] == "probe":  # frozen backbone by construction
+            assert r["deviation"] == {"total": 0.0, "relative": 0.0}
+        else:
+            assert r["deviation"]["total"] > 0 and 0 < r["deviation"]["relative"] < 1
+            assert len(r["layers"]["names"]) == len(r["layers"]["deviation"]) > 0
         assert not any(n.startswith(("classifier", "_fc")) for n in r["layers"]["names"])  # head excluded
+        assert not any("pooler" in n for n in r["layers"]["names"])  # unused under mean pooling
         if r["optimizer"] in ("adamspd", "sgdspd"):
             spd = r["spd"]
             assert 0.0 <= spd["fraction_fired"] <= 1.0
@@ -59,24 +63,38 @@ def _check_run_folder(out: Path, optimizers: list[str], ood_names: set[str], tab
             assert r["spd"] is None
         assert f"| {r['optimizer']} |" in table
     report = (out / "report.md").read_text()
-    assert "## Comparison" in report and "Balanced accuracy" in report
+    assert "## Comparison (balanced accuracy first" in report and "## What each method regularises" in report
+    by_id = {r["run_id"]: r for r in records}
+    for r in records:
+        if r["optimizer"] == "wise_ft":
+            # alpha 0.5 halves the distance of every fine-tuned tensor from the pre-trained one
+            base = by_id[r["run_id"].replace("wise_ft", "adamw", 1)]
+            assert r["deviation"]["total"] == pytest.approx(base["deviation"]["total"] / 2, rel=1e-4)
     return records
 
 
 @pytest.mark.slow
-def test_quick_sentiment(tmp_path):
+def test_quick_sentiment_two_seeds(tmp_path):
     out = tmp_path / "run"
-    result = _compare("--quick", "--out", str(out))
-    records = _check_run_folder(out, ["adamw", "l2sp", "adamspd"], {"tweets"}, result.stdout)
-    assert "OOD tweets acc" in result.stdout
+    result = _compare("--quick", "--seeds", "2", "--optimizers", "adamw,l2sp,adamspd,probe,wise_ft,lpft",
+                      "--out", str(out))
+    methods = ["adamw", "wise_ft", "l2sp", "adamspd", "probe", "lpft"]
+    records = _check_run_folder(out, methods * 2, {"tweets"}, result.stdout)
+    header = result.stdout.strip().splitlines()[0]
+    assert header.split(" | ")[5] == "ID test bal. acc" and "OOD tweets acc" in header
     assert records[0]["steps"] == 6
+    report = (out / "report.md").read_text()
+    assert "smoke-scale run" in report and "| probe |" in report
+    assert "## Paired differences against AdamW" in report and "95% interval" in report
+    assert "mean pooling" in report and "encoder.pooler.dense.weight" in report
 
 
 @pytest.mark.slow
 def test_quick_digits_with_the_sgd_addon(tmp_path):
     out = tmp_path / "run"
-    result = _compare("--quick", "--task", "digits", "--optimizers", "adamw,l2sp,adamspd,sgdspd", "--out", str(out))
-    _check_run_folder(out, ["adamw", "l2sp", "adamspd", "sgdspd"],
+    result = _compare("--quick", "--task", "digits", "--optimizers", "adamw,wise_ft,l2sp,adamspd,sgdspd,probe",
+                      "--out", str(out))
+    _check_run_folder(out, ["adamw", "wise_ft", "l2sp", "adamspd", "sgdspd", "probe"],
                       {"sklearn_digits", "gaussian_noise", "defocus_blur", "fog", "brightness"}, result.stdout)
 
 

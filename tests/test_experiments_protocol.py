@@ -20,7 +20,7 @@ from spdecay.experiments.protocol import (
     plan,
     select,
 )
-from spdecay.experiments.report import comparison_tables
+from spdecay.experiments.report import comparison_table
 from spdecay.experiments.results_io import atomic_write_text, read_records, write_records
 from spdecay.experiments.train import lr_lambda, total_steps_for
 
@@ -56,6 +56,36 @@ def test_parse_optimizers_and_lr():
         parse_lr("0", OPTS)
 
 
+def test_reference_rows_and_presets():
+    from spdecay.experiments.cli_config import config_from_options
+
+    opts = dict(task=None, optimizers=None, lr=None, steps=None, epochs=None, batch_size=None, seeds=None,
+                sweep=[], quick=False, device="auto", model=None, train=None, val=None, test=None, ood=[],
+                text_column="text", label_column="label", lora_rank=0, max_length=None, image_size=None,
+                train_size=None, checkpoint_every=None)
+    default = config_from_options(**opts)
+    assert default.optimizers == ["adamw", "l2sp", "adamspd", "probe", "wise_ft"] and default.seeds == 1
+    evidence = config_from_options(**opts | {"preset": "evidence"})
+    assert evidence.preset == "evidence" and evidence.seeds == 3
+    from spdecay.experiments.runner import default_lrs
+    from spdecay.experiments.tasks import task_defaults
+
+    d = task_defaults(evidence)
+    assert (d.train, d.epochs, d.lr_adam, d.schedule) == (480, 8.0, 3e-4, "cosine")
+    specs = plan(evidence, d.grids, default_lrs(d))
+    strengths = {n: sorted({s.weight_decay for s in specs if s.optimizer == n}) for n in evidence.optimizers}
+    assert strengths["adamspd"] == [0.5, 1.0, 2.0]
+    assert all(len(v) == 3 for v in strengths.values())
+    assert strengths["wise_ft"] == strengths["adamw"]  # WiSE-FT interpolates each AdamW run
+    assert config_from_options(**opts | {"quick": True}).preset == "quick"
+    with pytest.raises(RunnerError, match="wise_ft interpolates"):
+        parse_optimizers("wise_ft,adamspd")
+    with pytest.raises(RunnerError, match="--quick is --preset quick"):
+        config_from_options(**opts | {"quick": True, "preset": "evidence"})
+    with pytest.raises(RunnerError, match="--preset 'big'"):
+        config_from_options(**opts | {"preset": "big"})
+
+
 def test_plan_gives_every_method_the_same_budget():
     config = CompareConfig(optimizers=OPTS, seeds=2, sweep=parse_sweeps(["lr=1e-4,3e-4"], OPTS))
     specs = plan(config, GRIDS, LRS)
@@ -71,13 +101,13 @@ def test_plan_gives_every_method_the_same_budget():
 
 def _record(opt, seed, wd, val, test=0.5, ood=0.5, dev=1.0, fired=None):
     return {"run_id": f"{opt}-{seed}-{wd}", "optimizer": opt, "seed": seed, "hparams": {"weight_decay": wd, "lr": 1e-4},
-            "val": {"accuracy": val}, "test": {"accuracy": test, "balanced_accuracy": test},
+            "val": {"accuracy": val, "balanced_accuracy": val}, "test": {"accuracy": test, "balanced_accuracy": test},
             "ood": {"o": {"accuracy": ood, "balanced_accuracy": ood}}, "ood_mean_accuracy": ood,
             "ood_mean_balanced_accuracy": ood, "deviation": {"total": dev, "relative": dev / 10},
             "spd": None if fired is None else {"fraction_fired": fired}, "wall_time_s": 10.0}
 
 
-def test_select_uses_mean_validation_accuracy_over_seeds():
+def test_select_uses_mean_validation_balanced_accuracy_over_seeds():
     records = [
         _record("adamspd", 0, 0.5, 0.80), _record("adamspd", 1, 0.5, 0.70),  # mean 0.75
         _record("adamspd", 0, 1.0, 0.76), _record("adamspd", 1, 1.0, 0.76),  # mean 0.76: wins
@@ -91,11 +121,9 @@ def test_select_uses_mean_validation_accuracy_over_seeds():
 def test_comparison_table_mean_and_std():
     records = [_record("adamspd", 0, 1.0, 0.8, test=0.70, dev=2.0, fired=0.25),
                _record("adamspd", 1, 1.0, 0.8, test=0.80, dev=4.0, fired=0.75)]
-    main, balanced = comparison_tables(records)
-    row = main.splitlines()[2].split(" | ")
+    row = comparison_table(records).splitlines()[2].split(" | ")
     # mean 0.75, sample std of (0.70, 0.80) = 0.0707
     assert "0.750 ± 0.071" in row and "3.00 ± 1.41" in row and "0.50 ± 0.35" in row
-    assert "0.750 ± 0.071" in balanced
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
@@ -115,6 +143,11 @@ def test_accuracy_and_balanced_accuracy_match_sklearn():
 def test_schedule_and_step_count():
     f = lr_lambda(20)  # warm-up 2 steps, then linear decay to 0 at step 20
     assert [f(0), f(1), f(2), f(11), f(20)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    c = lr_lambda(20, "cosine")  # same warm-up, then cosine from 1 to the floor 0.1
+    assert [c(0), c(1), c(2), c(11), c(20)] == pytest.approx([0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5, 0.1])
+    assert all(c(i) >= c(i + 1) for i in range(2, 30)) and c(1000) == pytest.approx(0.1)
+    k = lr_lambda(20, "constant")
+    assert [k(0), k(1), k(2), k(19)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
     assert total_steps_for(2000, 32, None, 1.0) == 62
     assert total_steps_for(2000, 32, None, 1.5) == 93
     assert total_steps_for(10, 32, None, 1.0) == 1

@@ -11,7 +11,7 @@ from typing import Any
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError
 
-__all__ = ["CompareConfig", "RunnerError", "run_compare"]
+__all__ = ["CompareConfig", "RunnerError", "merge_runs", "run_compare"]
 
 
 def run_compare(config: CompareConfig, out: Path | None = None, **kwargs: Any) -> Path:
@@ -20,3 +20,11 @@ def run_compare(config: CompareConfig, out: Path | None = None, **kwargs: Any) -
     from spdecay.experiments.runner import run_compare as _run
 
     return _run(config, out, **kwargs)
+
+
+def merge_runs(folders: list[Path], out: Path) -> Path:
+    """Combine runs of one study made with different ``--first-seed``; see
+    :func:`spdecay.experiments.runner.merge_runs`."""
+    from spdecay.experiments.runner import merge_runs as _merge
+
+    return _merge([Path(f) for f in folders], Path(out))

@@ -3,7 +3,7 @@ is loaded, so bad options fail in well under a second)."""
 
 from __future__ import annotations
 
-from spdecay.experiments.config import TASKS, CompareConfig
+from spdecay.experiments.config import PRESETS, SCHEDULES, TASKS, CompareConfig
 from spdecay.experiments.errors import RunnerError
 from spdecay.experiments.protocol import parse_lr, parse_optimizers, parse_sweeps
 
@@ -27,7 +27,17 @@ def _ood_pairs(items: list[str]) -> dict[str, str]:
 
 def config_from_options(*, task, optimizers, lr, steps, epochs, batch_size, seeds, sweep, quick, device,
                         model, train, val, test, ood, text_column, label_column, lora_rank, max_length,
-                        image_size, train_size, checkpoint_every) -> CompareConfig:
+                        image_size, train_size, checkpoint_every, preset=None, schedule=None,
+                        threads=None, first_seed=0) -> CompareConfig:
+    if preset is not None and preset not in PRESETS:
+        raise RunnerError(f"--preset {preset!r}: unknown preset; expected one of {', '.join(PRESETS)}")
+    if quick and preset not in (None, "quick"):
+        raise RunnerError(f"--quick is --preset quick; it cannot be combined with --preset {preset}")
+    preset = "quick" if quick else (preset or "default")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise RunnerError(f"--schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    _positive("--threads", threads)
+    _positive("--first-seed", first_seed, allow_zero=True)
     if task is None:
         task = "custom" if model is not None else "sentiment"
     if task not in TASKS:
@@ -43,10 +53,17 @@ def config_from_options(*, task, optimizers, lr, steps, epochs, batch_size, seed
                           ("--train-size", train_size), ("--checkpoint-every", checkpoint_every)):
         _positive(option, value)
     _positive("--lora-rank", lora_rank, allow_zero=True)
+    from spdecay.experiments.config import DEFAULT_OPTIMIZERS, EVIDENCE_OPTIMIZERS
+    from spdecay.experiments.tasks import PRESET_DEFAULTS
+
+    if optimizers is None:
+        optimizers = ",".join(EVIDENCE_OPTIMIZERS if preset == "evidence" else DEFAULT_OPTIMIZERS)
+    if seeds is None:
+        seeds = PRESET_DEFAULTS[preset][task].seeds if task in PRESET_DEFAULTS[preset] else 1
     names = parse_optimizers(optimizers)
     return CompareConfig(
-        task=task, optimizers=names, seeds=seeds, lr=parse_lr(lr, names), sweep=parse_sweeps(sweep, names),
-        steps=steps, epochs=epochs, batch_size=batch_size, quick=quick, device=device,
+        task=task, optimizers=names, seeds=seeds, first_seed=first_seed, preset=preset, schedule=schedule, lr=parse_lr(lr, names), sweep=parse_sweeps(sweep, names),
+        steps=steps, epochs=epochs, batch_size=batch_size, device=device,
         checkpoint_every=checkpoint_every, model=model, train=train, val=val, test=test,
         ood=_ood_pairs(ood), text_column=text_column, label_column=label_column, lora_rank=lora_rank,
         max_length=max_length, image_size=image_size, train_size=train_size,

@@ -45,6 +45,8 @@ class TaskData:
     val: Split
     test: Split
     ood: dict[str, Split]
+    # Per source (e.g. "--train train.csv"): rows skipped for a missing text or label.
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> None:
         """Every split non-empty and every label a known class index."""

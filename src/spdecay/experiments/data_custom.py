@@ -17,7 +17,8 @@ from spdecay.experiments.errors import RunnerError, require
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _read_table(path: Path, option: str, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
+def _read_table(path: Path, option: str, text_col: str, label_col: str,
+                dropped: dict[str, int] | None = None) -> tuple[list[str], list[str]]:
     pd = require("pandas", f"reading {option} {path}")
     suffix = path.suffix.lower()
     try:
@@ -37,7 +38,10 @@ def _read_table(path: Path, option: str, text_col: str, label_col: str) -> tuple
             f"{option} {path}: expected columns '{text_col}' and '{label_col}' "
             f"(--text-column/--label-column), found {list(map(str, frame.columns))}"
         )
-    frame = frame.dropna(subset=[text_col, label_col])
+    kept = frame.dropna(subset=[text_col, label_col])
+    if dropped is not None and len(kept) < len(frame):
+        dropped[f"{option} {path}"] = len(frame) - len(kept)
+    frame = kept
     return frame[text_col].astype(str).tolist(), frame[label_col].astype(str).tolist()
 
 
@@ -65,7 +69,8 @@ def _load_images(files: list[Path], size: int) -> torch.Tensor:
     return out
 
 
-def _read(path_str: str, option: str, kind: str, cfg_cols: tuple[str, str], image_size: int):
+def _read(path_str: str, option: str, kind: str, cfg_cols: tuple[str, str], image_size: int,
+          dropped: dict[str, int] | None = None):
     path = Path(path_str).expanduser()
     if not path.exists():
         raise RunnerError(f"{option} {path}: no such file or folder")
@@ -76,7 +81,7 @@ def _read(path_str: str, option: str, kind: str, cfg_cols: tuple[str, str], imag
         return files, labels
     if path.is_dir():
         raise RunnerError(f"{option} {path}: a text model needs a .csv or .jsonl file, got a folder")
-    return _read_table(path, option, *cfg_cols)
+    return _read_table(path, option, *cfg_cols, dropped)
 
 
 def load_custom(
@@ -92,7 +97,8 @@ def load_custom(
 ) -> TaskData:
     """Load user data. Without --val (or --test), 10% of the training rows are held out for each."""
     cols = (text_column, label_column)
-    tr_inputs, tr_labels = _read(train, "--train", kind, cols, image_size)
+    dropped: dict[str, int] = {}
+    tr_inputs, tr_labels = _read(train, "--train", kind, cols, image_size, dropped)
     if not tr_labels:
         raise RunnerError(f"--train {train}: no rows")
     classes = sorted(set(tr_labels))
@@ -122,14 +128,14 @@ def load_custom(
             splits[name] = full.subset(perm[held : held + n_hold], name)
             held += n_hold
         else:
-            splits[name] = make(name, f"--{name} {path}", *_read(path, f"--{name}", kind, cols, image_size))
+            splits[name] = make(name, f"--{name} {path}", *_read(path, f"--{name}", kind, cols, image_size, dropped))
     rest = perm[held:]
     if train_size is not None:
         rest = rest[:train_size]
     train_split = full.subset(rest, "train")
     ood_splits = {}
     for name, path in ood.items():
-        ood_splits[name] = make(name, f"--ood {name}={path}", *_read(path, "--ood", kind, cols, image_size))
-    data = TaskData(kind, classes, train_split, splits["val"], splits["test"], ood_splits)
+        ood_splits[name] = make(name, f"--ood {name}={path}", *_read(path, "--ood", kind, cols, image_size, dropped))
+    data = TaskData(kind, classes, train_split, splits["val"], splits["test"], ood_splits, dropped)
     data.check()
     return data

@@ -9,6 +9,7 @@ answer token (the head over every position would cost more than the whole decode
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,12 +97,7 @@ def next_token_logits(
     """
     decoder, head = causal_lm_parts(model)
     device = head.weight.device
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, : len(seq)] = 1
+    ids, mask = _padded(sequences, pad_id, left=False)
     rows = torch.tensor([i for i, pos in enumerate(positions) for _ in pos], dtype=torch.long)
     cols = torch.tensor([p for pos in positions for p in pos], dtype=torch.long)
     hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
@@ -109,15 +105,21 @@ def next_token_logits(
     return head(picked), picked
 
 
-def _candidate_sequences(prompts, label_ids):
-    seqs, positions, targets = [], [], []
-    for prompt in prompts:
-        for label in label_ids:
-            seqs.append(list(prompt) + list(label))
-            start = len(prompt) - 1  # the prompt's last token predicts the label's first
-            positions.append(list(range(start, start + len(label))))
-            targets.append(list(label))
-    return seqs, positions, targets
+def _cache_argument(decoder: nn.Module, cache) -> dict:
+    # transformers renamed ``past_key_values`` to ``cache`` (deprecated from 5.2x, removed in 5.40)
+    params = inspect.signature(decoder.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def _padded(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[i, cols] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
 
 
 def label_log_likelihoods(
@@ -126,28 +128,43 @@ def label_log_likelihoods(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """(B, C): ``log p(label_c | prompt_b)`` summed over the label's tokens.
 
-    Single-token labels need one forward pass per prompt (all classes are read off the last
-    position); otherwise each (prompt, label) pair is one sequence. ``with_features`` also
-    returns the hidden state at each prompt's last position (B, H), the frozen-probe features.
+    One decoder pass over the prompts; every label's first token is read off the prompt's last
+    position. Longer labels continue from the prompts' key/value cache (each prompt's cache
+    repeated once per label), so a prompt is never run twice. Prompts are left-padded for that
+    (rotary position embeddings depend only on relative positions, and pads are masked).
+    ``with_features`` also returns the hidden state at each prompt's last position (B, H), the
+    frozen-probe features.
     """
-    n_classes = len(label_ids)
-    if all(len(label) == 1 for label in label_ids):
-        logits, hidden = next_token_logits(model, prompts, [[len(p) - 1] for p in prompts], pad_id)
-        first = torch.tensor([label[0] for label in label_ids], device=logits.device)
-        scores = torch.log_softmax(logits.float(), dim=-1)[:, first]
-        return (scores, hidden) if with_features else scores
-    seqs, positions, targets = _candidate_sequences(prompts, label_ids)
-    logits, hidden = next_token_logits(model, seqs, positions, pad_id)
-    flat_targets = torch.tensor([t for ts in targets for t in ts], device=logits.device)
-    token_lp = torch.log_softmax(logits.float(), dim=-1).gather(1, flat_targets[:, None])[:, 0]
-    owner = torch.tensor([i for i, ts in enumerate(targets) for _ in ts], device=logits.device)
-    per_seq = torch.zeros(len(seqs), device=logits.device).index_add_(0, owner, token_lp)
-    scores = per_seq.view(len(prompts), n_classes)
-    if not with_features:
-        return scores
-    first_of_each = torch.tensor([sum(map(len, targets[:i])) for i in range(0, len(seqs), n_classes)],
-                                 device=logits.device)
-    return scores, hidden[first_of_each]
+    decoder, head = causal_lm_parts(model)
+    device = head.weight.device
+    n_prompts, n_classes = len(prompts), len(label_ids)
+    ids, mask = _padded(prompts, pad_id, left=True)
+    multi = any(len(label) > 1 for label in label_ids)
+    out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=multi)
+    last = out.last_hidden_state[:, -1]
+    logp_first = torch.log_softmax(head(last).float(), dim=-1)
+    first = torch.tensor([label[0] for label in label_ids], device=device)
+    scores = logp_first[:, first]  # (B, C)
+    if multi:
+        rest = [list(label[1:]) for label in label_ids]
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(n_classes)  # row b * C + c: prompt b, label c
+        cand, cand_mask = _padded([label for _ in range(n_prompts) for label in label_ids], pad_id, left=False)
+        width = ids.shape[1]
+        full_mask = torch.cat([mask.repeat_interleave(n_classes, 0), cand_mask], dim=1)
+        positions = (width + torch.arange(cand.shape[1]))[None].expand(cand.shape[0], -1)
+        hidden = decoder(input_ids=cand.to(device), attention_mask=full_mask.to(device),
+                         position_ids=positions.to(device), **_cache_argument(decoder, cache)).last_hidden_state
+        rows = [(b * n_classes + c, j) for b in range(n_prompts) for c in range(n_classes) for j in range(len(rest[c]))]
+        if rows:
+            r = torch.tensor([x[0] for x in rows], device=device)
+            j = torch.tensor([x[1] for x in rows], device=device)
+            targets = torch.tensor([rest[c][jj] for _ in range(n_prompts) for c in range(n_classes)
+                                    for jj in range(len(rest[c]))], device=device)
+            token_lp = torch.log_softmax(head(hidden[r, j]).float(), dim=-1).gather(1, targets[:, None])[:, 0]
+            extra = torch.zeros(n_prompts * n_classes, device=device).index_add_(0, r, token_lp)
+            scores = scores + extra.view(n_prompts, n_classes)
+    return (scores, last) if with_features else scores
 
 
 def answer_loss(

@@ -2,6 +2,12 @@
 
 A :class:`TaskModel` holds the pre-trained network once per process; ``new_model(seed)`` gives
 each run its own copy with a freshly (seeded) initialised head, optionally wrapped with LoRA.
+
+Models are read the way they were trained: a sentence-embedding checkpoint (a folder with
+``modules.json`` and ``1_Pooling/config.json``, as all-MiniLM-L6-v2) is classified from its own
+pooling (e.g. the mean over tokens), not from BERT's [CLS] pooler it never trained. Weights that
+the forward pass does not use (found by one backward pass) are frozen: not trained, anchored or
+counted in deviations.
 """
 
 from __future__ import annotations
@@ -34,6 +40,58 @@ class TaskModel:
         self.head_modules = head_modules
         self.device = device
         self.lora_rank = lora_rank
+        self.unused: list[str] = []  # parameters the forward pass never reads (frozen)
+        self.reading = "the model's own classification head"  # how features reach the head
+        self._features: dict[int, Tensor] = {}
+
+    def freeze_unused(self) -> list[str]:
+        """Freeze the parameters that get no gradient from one forward/backward pass (e.g. the
+        BERT pooler under mean pooling): they are not part of the function being fine-tuned."""
+        model = self.base
+        model.zero_grad(set_to_none=True)
+        logits = self.logits(model, self.example_inputs())
+        logits.float().sum().backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        for n, p in model.named_parameters():
+            p.grad = None
+            if n in unused:
+                p.requires_grad_(False)
+        self.unused = unused
+        return unused
+
+    def example_inputs(self):
+        raise NotImplementedError
+
+    # -- frozen features (the linear probe) ----------------------------------------------------
+    @torch.no_grad()
+    def features(self, split: Split, batch_size: int) -> Tensor:
+        """The pre-trained model's input to the head for every row of ``split`` (computed once
+        per split and process: the probe trains on these)."""
+        key = id(split)
+        if key in self._features:
+            return self._features[key]
+        if len(self.head_modules) != 1:
+            raise RunnerError(f"the probe needs a single head module, found {self.head_modules}")
+        model = self.base.to(self.device).eval()
+        head = model.get_submodule(self.head_modules[0])
+        captured: list[Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
+        order = self.eval_order(split)
+        try:
+            with torch.inference_mode():
+                for inputs, _ in self.batches(split, batch_size, order):
+                    self.logits(model, inputs)
+        finally:
+            hook.remove()
+            self.base.cpu()
+        feats = torch.cat(captured)
+        if feats.ndim != 2:
+            raise RunnerError(f"the probe needs a head reading one vector per example; "
+                              f"'{self.head_modules[0]}' reads shape {tuple(feats.shape[1:])}")
+        out = torch.empty_like(feats)
+        out[order] = feats
+        self._features[key] = out
+        return out
 
     # -- model -------------------------------------------------------------------------------
     def new_model(self, seed: int) -> nn.Module:
@@ -77,6 +135,10 @@ class TextModel(TaskModel):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def example_inputs(self):
+        enc = self.tokenizer(["a short example sentence", "another"], padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def token_ids(self, split: Split) -> list[list[int]]:
         key = f"ids{self.max_length}"
@@ -138,6 +200,9 @@ class ImageModel(TaskModel):
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.hf = hf
 
+    def example_inputs(self):
+        return torch.rand(2, 3, self.image_size, self.image_size)
+
     def prepare(self, x: Tensor) -> Tensor:
         """[0, 1] images of any size and 1 or 3 channels -> normalised model input."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
@@ -184,6 +249,11 @@ def _wrap_lora(model: nn.Module, rank: int, head_modules: list[str]) -> nn.Modul
     peft = require("peft", "--lora-rank")
     from transformers import PreTrainedModel
 
+    if isinstance(model, PooledClassifier):
+        # Adapters in the encoder only; the head stays a plain trainable child of the wrapper.
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+        model.encoder = peft.get_peft_model(model.encoder, config)
+        return model
     if not isinstance(model, PreTrainedModel):
         raise RunnerError("--lora-rank needs a Hugging Face model (the digits task's EfficientNet is not one)")
     config = peft.LoraConfig(
@@ -201,9 +271,62 @@ def minilm_path() -> str:
     return str(module.get_model_path())
 
 
+class PooledClassifier(nn.Module):
+    """A sentence-embedding encoder read through its own pooling, then dropout and a new
+    linear head (``classifier``)."""
+
+    def __init__(self, encoder: nn.Module, pooling: str, num_labels: int, dropout: float):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pool(hidden, attention_mask, self.pooling))))
+
+
+def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """sentence-transformers' pooling modes over the real (unpadded) tokens."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(1)
+    total = (hidden * m).sum(1)
+    count = m.sum(1).clamp(min=1)
+    return total / (count.sqrt() if mode == "mean_sqrt_len" else count)
+
+
+def sentence_pooling(path: str) -> str | None:
+    """The pooling of a sentence-transformers folder (``modules.json`` naming a Pooling module),
+    or None for an ordinary Hugging Face model."""
+    folder = Path(path)
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text())
+        pooling = next(m for m in modules if m.get("type", "").endswith("Pooling"))
+        cfg = json.loads((folder / pooling["path"] / "config.json").read_text())
+    except (StopIteration, OSError, ValueError, KeyError, TypeError):
+        return None
+    for key, mode in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                      ("pooling_mode_max_tokens", "max"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len")):
+        if cfg.get(key):
+            return mode
+    return None
+
+
 def load_hf_text(path: str, num_labels: int, max_length: int, device, lora_rank: int = 0, option: str = "--model") -> TextModel:
     transformers = _quiet_transformers()
     _check_folder(path, option)
+    pooling = sentence_pooling(path)
+    if pooling is not None:
+        return _load_sentence_encoder(transformers, path, pooling, num_labels, max_length, device, lora_rank, option)
     _check_model_type(transformers, path, option, "SEQUENCE_CLASSIFICATION", "sequence-classification")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -218,7 +341,23 @@ def load_hf_text(path: str, num_labels: int, max_length: int, device, lora_rank:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2 style) have no pad
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # their heads find the last real token
-    return TextModel(model, tokenizer, max_length, _head_modules(model, info), device, lora_rank)
+    task_model = TextModel(model, tokenizer, max_length, _head_modules(model, info), device, lora_rank)
+    task_model.freeze_unused()
+    return task_model
+
+
+def _load_sentence_encoder(transformers, path, pooling, num_labels, max_length, device, lora_rank, option) -> TextModel:
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        encoder = transformers.AutoModel.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise RunnerError(f"{option} {path}: not a readable sentence-embedding model ({_first_line(exc)})") from exc
+    dropout = float(getattr(encoder.config, "hidden_dropout_prob", 0.1) or 0.0)
+    model = PooledClassifier(encoder, pooling, num_labels, dropout)
+    task_model = TextModel(model, tokenizer, max_length, ["classifier"], device, lora_rank)
+    task_model.reading = f"{pooling} pooling of the encoder's token states (from the checkpoint's 1_Pooling)"
+    task_model.freeze_unused()
+    return task_model
 
 
 def load_hf_image(path: str, num_labels: int, image_size: int | None, device, lora_rank: int = 0, option: str = "--model") -> ImageModel:
@@ -239,7 +378,9 @@ def load_hf_image(path: str, num_labels: int, image_size: int | None, device, lo
         size = size.get("height") or size.get("shortest_edge") or 224
     mean = proc.get("image_mean", [0.5, 0.5, 0.5])
     std = proc.get("image_std", [0.5, 0.5, 0.5])
-    return ImageModel(model, image_size or int(size), mean, std, _head_modules(model, info), device, True, lora_rank)
+    task_model = ImageModel(model, image_size or int(size), mean, std, _head_modules(model, info), device, True, lora_rank)
+    task_model.freeze_unused()
+    return task_model
 
 
 def load_efficientnet_lite0(num_labels: int, image_size: int, device) -> ImageModel:
@@ -254,7 +395,9 @@ def load_efficientnet_lite0(num_labels: int, image_size: int, device) -> ImageMo
         )
     model._fc = nn.Linear(model._fc.in_features, num_labels)
     # The weights expect inputs (x * 255 - 127) / 128, i.e. mean 127/255 and std 128/255.
-    return ImageModel(model, image_size, [127 / 255] * 3, [128 / 255] * 3, ["_fc"], device, False)
+    task_model = ImageModel(model, image_size, [127 / 255] * 3, [128 / 255] * 3, ["_fc"], device, False)
+    task_model.freeze_unused()
+    return task_model
 
 
 def model_kind(path: str, option: str = "--model") -> str:

@@ -9,7 +9,13 @@ The anchored methods take their groups from :func:`spdecay.param_groups` (each g
   is the pre-trained value, as in the paper), AdamW does not decay them (the usual practice);
 * the new classification head: never anchored (it has no pre-trained value), plain decay
   ``HEAD_WEIGHT_DECAY`` for the anchored methods, the swept decay for AdamW;
-* LoRA adapters (``--lora-rank``): anchored to zero, as in the paper's PEFT experiments.
+* LoRA adapters (``--lora-rank``): SPD anchors them at zero, as in the paper's PEFT
+  experiments (its projection is selective and bounded by the step, so it cannot pull a
+  randomly initialised ``lora_A`` to zero); L2-SP anchors them at their initial values
+  (``lora_B`` at zero, ``lora_A`` at its random init): a plain pull of ``lora_A`` to zero
+  would collapse the adapters (and the model to the majority class).
+
+``lpft`` and ``wise_ft`` use AdamW exactly as ``adamw`` does (see :mod:`train`).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def build_optimizer(
 ) -> BuiltOptimizer:
     """``strength`` is the method's regularisation hyper-parameter (``weight_decay``);
     ``head_patterns`` name the new head's modules (e.g. ``["classifier"]``)."""
-    if name == "adamw":
+    if name in ("adamw", "lpft", "wise_ft"):
         head, decay, no_decay, lora = _split_params(model, head_patterns)
         groups = [
             _group(decay + lora, weight_decay=strength),
@@ -79,6 +85,9 @@ def build_optimizer(
         return BuiltOptimizer(opt, opt.spd_stats)
     if name == "l2sp":
         # Classic (loss-level) L2-SP: lam/2 ||p - p0||^2 joins the loss, through Adam's moments.
+        for group in groups:
+            if group.get("anchor") == "zero":
+                group["anchor"] = "init"  # LoRA adapters: their initial values (see the module doc)
         return BuiltOptimizer(spdecay.AdamL2SP(groups, lr=lr, weight_decay=strength), None)
     if name == "sgdspd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM)

@@ -1,6 +1,8 @@
 """The run's pictures (matplotlib, Agg backend, PNG):
 
-* ``id_vs_ood.png``: ID test accuracy against mean OOD accuracy per optimizer;
+* ``paired_differences.png``: per method, the per-seed differences against AdamW (balanced
+  accuracy on ID test and each OOD set) with their mean and 95% interval;
+* ``id_vs_ood.png``: ID test balanced accuracy against mean OOD balanced accuracy per method;
 * ``layer_deviation.png``: per-layer relative distance from the pre-trained weights;
 * ``spd_fired.png``: per layer, the fraction of steps whose SPD condition fired.
 """
@@ -16,8 +18,10 @@ from spdecay.experiments.errors import require
 from spdecay.experiments.protocol import select
 from spdecay.experiments.results_io import atomic_write_bytes
 
-COLORS = {"adamw": "#1f77b4", "l2sp": "#2ca02c", "adamspd": "#d62728", "sgdspd": "#9467bd"}
-LABELS = {"adamw": "AdamW", "l2sp": "Adam L2-SP", "adamspd": "AdamSPD", "sgdspd": "SGD + SPD"}
+COLORS = {"adamw": "#1f77b4", "l2sp": "#2ca02c", "adamspd": "#d62728", "sgdspd": "#9467bd",
+          "probe": "#7f7f7f", "wise_ft": "#ff7f0e", "lpft": "#8c564b"}
+LABELS = {"adamw": "AdamW", "l2sp": "Adam L2-SP", "adamspd": "AdamSPD", "sgdspd": "SGD + SPD",
+          "probe": "linear probe", "wise_ft": "WiSE-FT", "lpft": "LP-FT"}
 
 
 def _pyplot():
@@ -63,18 +67,18 @@ def plot_id_vs_ood(records: list[dict], path: Path) -> None:
     for name, choice in select(records).items():
         color = COLORS.get(name, "gray")
         every = [r for r in records if r["optimizer"] == name]
-        ax.scatter([r["test"]["accuracy"] for r in every], [r.get("ood_mean_accuracy", 0) for r in every],
-                   color=color, alpha=0.3, s=18)
-        x = [r["test"]["accuracy"] for r in choice["records"]]
-        y = [r.get("ood_mean_accuracy", 0) for r in choice["records"]]
+        ax.scatter([r["test"]["balanced_accuracy"] for r in every],
+                   [r.get("ood_mean_balanced_accuracy", 0) for r in every], color=color, alpha=0.3, s=18)
+        x = [r["test"]["balanced_accuracy"] for r in choice["records"]]
+        y = [r.get("ood_mean_balanced_accuracy", 0) for r in choice["records"]]
         ax.errorbar(statistics.fmean(x), statistics.fmean(y),
                     xerr=statistics.stdev(x) if len(x) > 1 else None,
                     yerr=statistics.stdev(y) if len(y) > 1 else None,
                     fmt="o", ms=9, color=color, capsize=3,
                     label=f"{LABELS.get(name, name)} (wd {choice['weight_decay']:g})")
-    ax.set_xlabel("ID test accuracy")
-    ax.set_ylabel("mean OOD accuracy")
-    ax.set_title("ID vs OOD accuracy (large: chosen setting, small: every sweep point and seed)", fontsize=9)
+    ax.set_xlabel("ID test balanced accuracy")
+    ax.set_ylabel("mean OOD balanced accuracy")
+    ax.set_title("ID vs OOD balanced accuracy (large: chosen setting, small: every sweep point and seed)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(plt, fig, path)
@@ -96,6 +100,8 @@ def plot_layer_deviation(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names: list[str] = []
     for name, r in chosen.items():
+        if not r["layers"]["names"]:
+            continue  # the probe: nothing moved
         keep = _matrices(r)
         names = [r["layers"]["names"][i] for i in keep] or names
         relative = [r["layers"]["relative"][i] for i in keep]
@@ -140,11 +146,43 @@ def plot_spd_fired(records: list[dict], path: Path) -> None:
     _save(plt, fig, path)
 
 
+def plot_paired_differences(records: list[dict], path: Path) -> None:
+    from spdecay.experiments.paired import paired_differences
+
+    plt = _pyplot()
+    diffs = paired_differences(records)
+    labels = list(next(iter(diffs.values()))) if diffs else []
+    fig, axes = plt.subplots(1, max(1, len(labels)), figsize=(3.2 * max(1, len(labels)) + 1, 4), squeeze=False)
+    if not diffs:
+        axes[0][0].text(0.5, 0.5, "no AdamW reference or no other method", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    for ax, label in zip(axes[0], labels):
+        for k, (name, per_metric) in enumerate(diffs.items()):
+            d = per_metric[label]
+            color = COLORS.get(name, "gray")
+            ax.scatter([k] * len(d["diffs"]), [100 * x for x in d["diffs"]], color=color, alpha=0.45, s=16)
+            if d["low"] == d["low"]:  # not nan: an interval exists
+                ax.errorbar(k + 0.15, 100 * d["mean"], yerr=[[100 * (d["mean"] - d["low"])], [100 * (d["high"] - d["mean"])]],
+                            fmt="o", color=color, capsize=3, ms=6)
+            else:
+                ax.scatter([k + 0.15], [100 * d["mean"]], color=color, marker="o", s=36)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(diffs)))
+        ax.set_xticklabels([LABELS.get(n, n) for n in diffs], rotation=40, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("balanced accuracy minus AdamW's (points)")
+    fig.suptitle("Paired per-seed differences against AdamW (dots: seeds; bar: mean and 95% paired-t interval)",
+                 fontsize=9)
+    _save(plt, fig, path)
+
+
 def write_plots(out: Path, records: list[dict]) -> list[Path]:
     if not records:
         return []
-    paths = [out / "id_vs_ood.png", out / "layer_deviation.png", out / "spd_fired.png"]
+    paths = [out / "id_vs_ood.png", out / "layer_deviation.png", out / "spd_fired.png", out / "paired_differences.png"]
     plot_id_vs_ood(records, paths[0])
     plot_layer_deviation(records, paths[1])
     plot_spd_fired(records, paths[2])
+    plot_paired_differences(records, paths[3])
     return paths

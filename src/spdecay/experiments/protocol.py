@@ -1,9 +1,10 @@
 """The experimental protocol: which runs to make, and which hyper-parameters to report.
 
-Each optimizer gets a grid of regularisation strengths (``weight_decay``) and optionally
+Each method gets a grid of regularisation strengths (``weight_decay``) and optionally
 learning rates, all grids of the same size (the same tuning budget for every method). For every
 seed each grid point is trained once; per method the grid point with the best mean ID
-*validation* accuracy over seeds is reported (test and OOD numbers never influence the choice).
+*validation* balanced accuracy over seeds is reported (test and OOD numbers never influence the
+choice). ``wise_ft`` has AdamW's grid: each of its points interpolates that AdamW run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ SWEEP_GRIDS: dict[str, list[float]] = {
     "l2sp": [0.1, 1.0],
     "adamspd": [0.5, 1.0],
     "sgdspd": [0.5, 1.0],
+    "probe": [0.01, 0.1],
+    "lpft": [0.01, 0.1],
 }
+PROBE_LR = 1e-3  # the probe trains a linear head on fixed features: a larger rate than fine-tuning
+SELECTION_METRIC = "balanced_accuracy"
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ def parse_optimizers(text: str) -> list[str]:
             raise RunnerError(f"--optimizers: unknown optimizer {n!r}; expected some of {', '.join(OPTIMIZERS)}")
     if len(set(names)) != len(names):
         raise RunnerError(f"--optimizers {text!r}: an optimizer is listed twice")
+    if "wise_ft" in names and "adamw" not in names:
+        raise RunnerError("--optimizers: wise_ft interpolates AdamW's fine-tuned models; add adamw to the list")
     return names
 
 
@@ -73,12 +80,15 @@ def parse_sweeps(items: list[str], optimizers: list[str]) -> dict[str, dict[str,
     for item in items:
         if item.strip() == "default":
             for name in optimizers:
-                out.setdefault(name, {})["weight_decay"] = list(SWEEP_GRIDS[name])
+                if name in SWEEP_GRIDS:
+                    out.setdefault(name, {})["weight_decay"] = list(SWEEP_GRIDS[name])
             continue
         match = re.fullmatch(r"\s*(?:(\w+)\.)?(\w+)\s*=\s*(.+)", item)
         if not match:
             raise RunnerError(f"--sweep {item!r}: expected NAME=V1,V2,... (e.g. weight_decay=0.5,1,2)")
         opt, key, values = match.groups()
+        if opt == "wise_ft":
+            raise RunnerError(f"--sweep {item!r}: wise_ft takes AdamW's grid (it interpolates those runs); sweep adamw instead")
         if key not in SWEEPABLE:
             raise RunnerError(f"--sweep {item!r}: unknown hyper-parameter {key!r}; can sweep {', '.join(SWEEPABLE)}")
         if opt is not None and opt not in optimizers:
@@ -86,7 +96,7 @@ def parse_sweeps(items: list[str], optimizers: list[str]) -> dict[str, dict[str,
         parsed = _floats(f"--sweep {item}", values)
         if key == "lr" and any(v == 0 for v in parsed):
             raise RunnerError(f"--sweep {item!r}: a learning rate must be positive")
-        for name in [opt] if opt else optimizers:
+        for name in [opt] if opt else [n for n in optimizers if n != "wise_ft"]:
             out.setdefault(name, {})[key] = parsed
     return out
 
@@ -113,10 +123,15 @@ def grids(config: CompareConfig, default_grids: dict[str, list[float]], default_
     """Per optimizer, the (weight_decay, lr) points to try; all the same length."""
     out = {}
     for name in config.optimizers:
+        if name == "wise_ft":
+            continue
         sweep = config.sweep.get(name, {})
         wds = sweep.get("weight_decay", default_grids[name])
         lrs = sweep.get("lr", [config.lr.get(name, default_lr[name])])
         out[name] = list(itertools.product(wds, lrs))
+    if "wise_ft" in config.optimizers:
+        out["wise_ft"] = list(out["adamw"])
+    out = {name: out[name] for name in config.optimizers}
     sizes = {name: len(points) for name, points in out.items()}
     if len(set(sizes.values())) > 1:
         raise RunnerError(
@@ -129,22 +144,22 @@ def plan(config: CompareConfig, default_grids, default_lr) -> list[RunSpec]:
     points = grids(config, default_grids, default_lr)
     return [
         RunSpec(name, seed, wd, lr)
-        for seed in range(config.seeds)
+        for seed in range(config.first_seed, config.first_seed + config.seeds)
         for name in config.optimizers
         for wd, lr in points[name]
     ]
 
 
-def select(records: list[dict]) -> dict[str, dict]:
-    """Per optimizer: the hyper-parameters with the best mean validation accuracy over seeds
-    (ties: the first grid point), and that setting's records."""
+def select(records: list[dict], metric: str = SELECTION_METRIC) -> dict[str, dict]:
+    """Per optimizer: the hyper-parameters with the best mean ID-validation ``metric`` (balanced
+    accuracy) over seeds (ties: the first grid point), and that setting's records."""
     by_key: dict[tuple, list[dict]] = {}
     for r in records:
         key = (r["optimizer"], r["hparams"]["weight_decay"], r["hparams"]["lr"])
         by_key.setdefault(key, []).append(r)
     best: dict[str, dict] = {}
     for (name, wd, lr), recs in by_key.items():  # insertion order = grid order
-        score = sum(r["val"]["accuracy"] for r in recs) / len(recs)
-        if name not in best or score > best[name]["val_accuracy"]:
-            best[name] = {"weight_decay": wd, "lr": lr, "val_accuracy": score, "records": recs}
+        score = sum(r["val"][metric] for r in recs) / len(recs)
+        if name not in best or score > best[name]["val_score"]:
+            best[name] = {"weight_decay": wd, "lr": lr, "val_score": score, "records": recs}
     return best

@@ -1,7 +1,13 @@
-"""The embedded tasks' defaults and how to build a task's data and model from a config."""
+"""The embedded tasks: their defaults per preset and how to build a task's data and model.
+
+A task is registered by a name in :data:`spdecay.experiments.config.TASKS`, one
+:class:`TaskDefaults` per preset in :data:`PRESET_DEFAULTS` and a builder in :data:`BUILDERS`
+(``builder(config, defaults, device) -> (TaskData, TaskModel)``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -11,10 +17,19 @@ from spdecay.experiments.data import TaskData
 from spdecay.experiments.errors import RunnerError
 from spdecay.experiments.models import TaskModel
 
-# One regularisation strength per optimizer unless --sweep says otherwise: AdamW's usual
-# decoupled decay, a mild L2-SP penalty, SPD's full projection (lambda = 1). The 2-point grids
-# of `--sweep default` are in protocol.SWEEP_GRIDS.
-SINGLE = {"adamw": [0.01], "l2sp": [0.1], "adamspd": [1.0], "sgdspd": [1.0]}
+# One regularisation strength per method unless a preset or --sweep says otherwise: AdamW's usual
+# decoupled decay, a mild L2-SP penalty, SPD's full projection (lambda = 1); the probe's and
+# LP-FT's are AdamW decays. WiSE-FT always takes AdamW's grid (it interpolates those runs).
+SINGLE = {"adamw": [0.01], "l2sp": [0.1], "adamspd": [1.0], "sgdspd": [1.0], "probe": [0.01], "lpft": [0.01]}
+# `--preset evidence`: three strengths per method bracketing the usual values.
+EVIDENCE_GRIDS = {
+    "adamw": [0.01, 0.1, 1.0],
+    "l2sp": [0.01, 0.1, 1.0],
+    "adamspd": [0.5, 1.0, 2.0],
+    "sgdspd": [0.5, 1.0, 2.0],
+    "probe": [0.01, 0.1, 1.0],
+    "lpft": [0.01, 0.1, 1.0],
+}
 
 
 @dataclass(frozen=True)
@@ -32,24 +47,50 @@ class TaskDefaults:
     image_size: int = 64
     eval_batch_size: int = 256
     checkpoint_every: int = 50
+    schedule: str = "linear"  # linear: warm-up then linear decay to zero; cosine: to a floor
+    seeds: int = 1
     grids: dict[str, list[float]] = field(default_factory=lambda: dict(SINGLE))
+    statement: str = ""  # said at the top of the report
 
 
-TASK_DEFAULTS = {
-    # 2,000 snippets x 1 epoch (62 steps of 32) per run: the default's 3 runs take ~5-10 min on 2 CPU cores.
-    "sentiment": TaskDefaults(2000, 500, 1000, 2000, 32, 1.0, None, 1e-4, 2e-2),
-    "digits": TaskDefaults(3500, 500, 1000, None, 32, 1.0, None, 1e-3, 2e-2, image_size=64),
-    "custom": TaskDefaults(None, 0, 0, None, 32, 1.0, None, 5e-5, 1e-2, image_size=224),
-}
-QUICK = {
-    "sentiment": TaskDefaults(96, 48, 48, 96, 16, None, 6, 1e-4, 2e-2, max_length=32, checkpoint_every=3),
-    "digits": TaskDefaults(128, 48, 48, 96, 16, None, 6, 1e-3, 2e-2, image_size=32, checkpoint_every=3),
-    "custom": TaskDefaults(128, 0, 0, 96, 16, None, 6, 5e-5, 1e-2, max_length=32, image_size=64, checkpoint_every=3),
+SMOKE = ("This is a smoke-scale run: a handful of steps on small subsets. It checks that the "
+         "pipeline works; its numbers say nothing about which method is better.")
+FIRST_LOOK = ("A first look: one short epoch with the learning rate decaying to zero, so the model "
+              "barely moves from its pre-trained weights; use `--preset evidence` to compare methods.")
+EVIDENCE = ("The evidence preset: a small training set for many epochs at a high learning rate "
+            "(warm-up, then cosine decay to 10% of the peak), the regime where plain fine-tuning "
+            "drifts; three strengths per method, chosen by mean ID-validation balanced accuracy.")
+
+PRESET_DEFAULTS: dict[str, dict[str, TaskDefaults]] = {
+    "default": {
+        # 2,000 snippets x 1 epoch (62 steps of 32) per run: ~5-10 min on 2 CPU cores.
+        "sentiment": TaskDefaults(2000, 500, 1000, 2000, 32, 1.0, None, 1e-4, 2e-2, statement=FIRST_LOOK),
+        "digits": TaskDefaults(3500, 500, 1000, None, 32, 1.0, None, 1e-3, 2e-2, image_size=64, statement=FIRST_LOOK),
+        "custom": TaskDefaults(None, 0, 0, None, 32, 1.0, None, 5e-5, 1e-2, image_size=224, statement=FIRST_LOOK),
+    },
+    "quick": {
+        "sentiment": TaskDefaults(96, 48, 48, 96, 16, None, 6, 1e-4, 2e-2, max_length=32, checkpoint_every=3, statement=SMOKE),
+        "digits": TaskDefaults(128, 48, 48, 96, 16, None, 6, 1e-3, 2e-2, image_size=32, checkpoint_every=3, statement=SMOKE),
+        "custom": TaskDefaults(128, 0, 0, 96, 16, None, 6, 5e-5, 1e-2, max_length=32, image_size=64,
+                               checkpoint_every=3, statement=SMOKE),
+    },
+    "evidence": {
+        # 480 snippets x 8 epochs = 120 steps of 32 per run at lr 3e-4; eval sets of a few hundred.
+        "sentiment": TaskDefaults(480, 300, 500, 500, 32, 8.0, None, 3e-4, 2e-2, schedule="cosine",
+                                  checkpoint_every=40, seeds=3, grids=dict(EVIDENCE_GRIDS), statement=EVIDENCE),
+        "digits": TaskDefaults(480, 300, 500, 500, 32, 8.0, None, 1e-3, 2e-2, image_size=32, schedule="cosine",
+                               checkpoint_every=40, seeds=3, grids=dict(EVIDENCE_GRIDS), statement=EVIDENCE),
+        "custom": TaskDefaults(None, 0, 0, None, 32, 8.0, None, 3e-4, 1e-2, image_size=224, schedule="cosine",
+                               checkpoint_every=40, seeds=3, grids=dict(EVIDENCE_GRIDS), statement=EVIDENCE),
+    },
 }
 
 
 def task_defaults(config: CompareConfig) -> TaskDefaults:
-    base = (QUICK if config.quick else TASK_DEFAULTS)[config.task]
+    by_task = PRESET_DEFAULTS[config.preset]
+    if config.task not in by_task:
+        raise RunnerError(f"--preset {config.preset}: not defined for task {config.task!r}")
+    base = by_task[config.task]
     if config.train_size is not None:
         base = replace(base, train=config.train_size)
     return base
@@ -69,28 +110,32 @@ def resolve_device(name: str) -> torch.device:
 
 def build_task(config: CompareConfig, device: torch.device) -> tuple[TaskData, TaskModel]:
     """Load the data first (cheap, fails fast on bad files), then the model."""
-    d = task_defaults(config)
-    max_length = config.max_length or d.max_length
-    image_size = config.image_size or d.image_size
-    if config.task == "sentiment":
-        from spdecay.experiments.data_sentiment import load_sentiment
-        from spdecay.experiments.models import load_hf_text, minilm_path
-
-        data = load_sentiment(d.train, d.val, d.test, d.ood)
-        model = load_hf_text(minilm_path(), len(data.classes), max_length, device, config.lora_rank, "model")
-        return data, model
-    if config.task == "digits":
-        from spdecay.experiments.data_digits import load_digits_task
-        from spdecay.experiments.models import load_efficientnet_lite0
-
-        if config.lora_rank:
-            raise RunnerError("--lora-rank needs a Hugging Face model (--model PATH); the digits task uses EfficientNet")
-        data = load_digits_task(d.train, d.val, d.test, d.ood)
-        return data, load_efficientnet_lite0(len(data.classes), image_size, device)
-    return _build_custom(config, d, max_length, device)
+    if config.task not in BUILDERS:
+        raise RunnerError(f"--task {config.task!r}: no builder registered")
+    return BUILDERS[config.task](config, task_defaults(config), device)
 
 
-def _build_custom(config: CompareConfig, d: TaskDefaults, max_length: int, device) -> tuple[TaskData, TaskModel]:
+def _build_sentiment(config: CompareConfig, d: TaskDefaults, device) -> tuple[TaskData, TaskModel]:
+    from spdecay.experiments.data_sentiment import load_sentiment
+    from spdecay.experiments.models import load_hf_text, minilm_path
+
+    data = load_sentiment(d.train, d.val, d.test, d.ood)
+    model = load_hf_text(minilm_path(), len(data.classes), config.max_length or d.max_length, device,
+                         config.lora_rank, "model")
+    return data, model
+
+
+def _build_digits(config: CompareConfig, d: TaskDefaults, device) -> tuple[TaskData, TaskModel]:
+    from spdecay.experiments.data_digits import load_digits_task
+    from spdecay.experiments.models import load_efficientnet_lite0
+
+    if config.lora_rank:
+        raise RunnerError("--lora-rank needs a Hugging Face model (--model PATH); the digits task uses EfficientNet")
+    data = load_digits_task(d.train, d.val, d.test, d.ood)
+    return data, load_efficientnet_lite0(len(data.classes), config.image_size or d.image_size, device)
+
+
+def _build_custom(config: CompareConfig, d: TaskDefaults, device) -> tuple[TaskData, TaskModel]:
     from spdecay.experiments.data_custom import load_custom
     from spdecay.experiments.models import load_hf_image, load_hf_text, model_kind
 
@@ -109,7 +154,14 @@ def _build_custom(config: CompareConfig, d: TaskDefaults, max_length: int, devic
         config.text_column, config.label_column, image_size or 224, d.train,
     )
     if kind == "text":
-        model = load_hf_text(config.model, len(data.classes), max_length, device, config.lora_rank)
+        model = load_hf_text(config.model, len(data.classes), config.max_length or d.max_length, device, config.lora_rank)
     else:
         model = load_hf_image(config.model, len(data.classes), image_size, device, config.lora_rank)
     return data, model
+
+
+BUILDERS: dict[str, Callable[[CompareConfig, TaskDefaults, torch.device], tuple[TaskData, TaskModel]]] = {
+    "sentiment": _build_sentiment,
+    "digits": _build_digits,
+    "custom": _build_custom,
+}

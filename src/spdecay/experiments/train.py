@@ -1,13 +1,20 @@
 """One training run (optimizer x seed x hyper-parameters): fine-tune, evaluate, record.
 
 Resumable: every ``checkpoint_every`` steps the model, optimizer (with its anchors), scheduler,
-RNG state and running statistics are saved atomically. The data order is a pure function of
-(seed, epoch), so a run continued from a checkpoint takes exactly the same steps as one that
-never stopped.
+RNG state and running statistics are saved atomically, tagged with the run's configuration
+fingerprint (a checkpoint of another configuration is refused). The data order is a pure
+function of (seed, epoch), so a run continued from a checkpoint takes exactly the same steps as
+one that never stopped.
+
+Reference rows: ``probe`` trains only the head on frozen features (computed once per process),
+``lpft`` freezes the backbone for the first :data:`LP_FRACTION` of the steps (the package's
+:class:`spdecay.LPFT`), ``wise_ft`` interpolates a finished AdamW model with the pre-trained
+weights (the package's :func:`spdecay.interpolate`, alpha :data:`WISE_FT_ALPHA`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -18,22 +25,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from spdecay.experiments.data import TaskData
-from spdecay.experiments.evaluate import evaluate
+from spdecay.experiments.errors import RunnerError
+from spdecay.experiments.evaluate import accuracy_metrics, evaluate
 from spdecay.experiments.models import TaskModel
 from spdecay.experiments.optimizers import build_optimizer
 from spdecay.experiments.protocol import RunSpec
 from spdecay.experiments.results_io import atomic_torch_save
 
 WARMUP_FRACTION = 0.1
+COSINE_FLOOR = 0.1  # cosine decays to 10% of the peak rate, not to zero: late steps still move
+LP_FRACTION = 0.25  # LP-FT: the share of the steps that trains the head alone
+WISE_FT_ALPHA = 0.5
+PROBE_EPOCHS = 50  # passes over the cached features (cheap: only a linear head trains)
 
 
-def lr_lambda(total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up over the first 10% of steps, then linear decay to zero (BERT-style)."""
+def lr_lambda(total_steps: int, schedule: str = "linear") -> Callable[[int], float]:
+    """Linear warm-up over the first 10% of steps, then ``linear`` decay to zero (BERT-style),
+    ``cosine`` decay to :data:`COSINE_FLOOR` of the peak, or a ``constant`` rate."""
+    if schedule not in ("linear", "cosine", "constant"):
+        raise ValueError(f"unknown schedule {schedule!r}")
     warmup = max(1, int(WARMUP_FRACTION * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "cosine":
+            return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return factor
@@ -75,20 +95,38 @@ def train_run(
     checkpoint_every: int,
     progress: bool = True,
     interrupt: Callable[[RunSpec, int], None] | None = None,
+    schedule: str = "linear",
+    fingerprint: str = "",
+    keep_model: bool = False,
 ) -> dict:
     """Train one run to ``total_steps`` (continuing from ``checkpoint_path`` if present) and
-    return its record. ``interrupt(spec, step)`` is called after every step (tests use it)."""
+    return its record (with the trained model under ``"_model"`` if ``keep_model``).
+    ``interrupt(spec, step)`` is called after every step (tests use it). ``fingerprint`` ties
+    checkpoints to the configuration that wrote them."""
     device = task_model.device
     model = task_model.new_model(spec.seed)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     start_values = {n: p.detach().clone() for n, p in named if not task_model.is_head(n)}
     built = build_optimizer(spec.optimizer, model, task_model.head_modules, spec.lr, spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, lr_lambda(total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, lr_lambda(total_steps, schedule))
+    lpft = None
+    if spec.optimizer == "lpft":
+        from spdecay import LPFT
+
+        lpft = LPFT(model, lp_steps=max(1, int(LP_FRACTION * total_steps)), head=task_model.head_modules)
     acc = {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0,
            "fired_counts": None, "fired_names": None, "fired_fraction_sum": 0.0, "ratio_sum": 0.0}
+    tag = f"{fingerprint}/{spec.run_id}"
 
     if checkpoint_path.exists():
         ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if ckpt.get("fingerprint") != tag:
+            raise RunnerError(
+                f"checkpoint {checkpoint_path} was written by another configuration or run "
+                f"({ckpt.get('fingerprint') or 'untagged'}, expected {tag}); delete it or use a fresh --out"
+            )
+        if lpft is not None:
+            lpft.load_state_dict(ckpt["lpft"])
         model.load_state_dict(ckpt["model"])
         built.optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -117,6 +155,8 @@ def train_run(
         built.optimizer.step()
         scheduler.step()
         built.optimizer.zero_grad(set_to_none=True)
+        if lpft is not None:
+            lpft.step()
         _accumulate_spd(built.stats, acc)
         acc["step"] += 1
         acc["loss_sum"] += float(loss.detach())
@@ -130,7 +170,8 @@ def train_run(
             t0 = time.perf_counter()
             atomic_torch_save(
                 {"model": model.state_dict(), "optimizer": built.optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "acc": acc},
+                 "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "acc": acc,
+                 "fingerprint": tag, "lpft": lpft.state_dict() if lpft is not None else None},
                 checkpoint_path,
             )
         if interrupt is not None:
@@ -148,6 +189,95 @@ def train_run(
         train_loss=acc["loss_sum"] / max(1, acc["step"]),
         train_accuracy=acc["correct"] / max(1, acc["seen"]),
         wall_time_s=acc["elapsed"],
+    )
+    if keep_model:
+        record["_model"] = model
+    return record
+
+
+def wise_ft_record(model: nn.Module, spec: RunSpec, base_record: dict, data: TaskData, task_model: TaskModel,
+                   eval_batch_size: int, alpha: float = WISE_FT_ALPHA) -> dict:
+    """WiSE-FT of a finished AdamW model: its backbone interpolated with the pre-trained one
+    (LoRA adapters merged first, so the interpolation is of the weights the network uses); the
+    new head is AdamW's (it has no pre-trained value)."""
+    from spdecay import interpolate
+
+    t0 = time.perf_counter()
+    merged = _merged(model)
+    pre = {k: v for k, v in task_model.base.state_dict().items() if not task_model.is_head(k)}
+    merged.load_state_dict(interpolate(pre, merged.state_dict(), alpha, strict=False))
+    record = _evaluate_all(merged, data, task_model, eval_batch_size)
+    start = {n: p.detach().to(task_model.device) for n, p in task_model.base.named_parameters()
+             if p.requires_grad and not task_model.is_head(n)}
+    record.update(_deviation(merged, start, task_model))
+    record.update(
+        run_id=spec.run_id, optimizer=spec.optimizer, seed=spec.seed, hparams=spec.hparams, spd=None,
+        steps=base_record["steps"], batch_size=base_record["batch_size"], alpha=alpha,
+        train_loss=base_record["train_loss"], train_accuracy=base_record["train_accuracy"],
+        wall_time_s=time.perf_counter() - t0,
+    )
+    return record
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with LoRA adapters merged into the base weights (same architecture
+    and parameter names as the pre-trained model)."""
+    copy_ = copy.deepcopy(model)
+    if hasattr(copy_, "merge_and_unload"):
+        return copy_.merge_and_unload()
+    encoder = getattr(copy_, "encoder", None)
+    if encoder is not None and hasattr(encoder, "merge_and_unload"):
+        copy_.encoder = encoder.merge_and_unload()
+    return copy_
+
+
+def train_probe(spec: RunSpec, data: TaskData, task_model: TaskModel, *, batch_size: int, eval_batch_size: int) -> dict:
+    """The linear probe: the pre-trained model's head inputs are computed once; only a fresh
+    (seeded) head trains on them, with AdamW (decay ``spec.weight_decay``) and cosine decay."""
+    t0 = time.perf_counter()
+    n = len(data.classes)
+    feats = {name: task_model.features(split, eval_batch_size)
+             for name, split in (("train", data.train), ("val", data.val), ("test", data.test), *data.ood.items())}
+    torch.manual_seed(spec.seed)
+    head = copy.deepcopy(task_model.base.get_submodule(task_model.head_modules[0]))
+    for module in head.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    head = head.float().train()
+    opt = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    per_epoch = max(1, len(data.train) // batch_size)
+    total = PROBE_EPOCHS * per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, "cosine"))
+    x, y = feats["train"], data.train.labels
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step in range(total):
+        epoch, pos = divmod(step, per_epoch)
+        if pos == 0:
+            perm = _epoch_order(spec.seed, epoch, len(y))
+        index = perm[pos * batch_size : (pos + 1) * batch_size]
+        logits = head(x[index])
+        loss = F.cross_entropy(logits, y[index])
+        loss.backward()
+        opt.step()
+        scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        loss_sum += float(loss.detach())
+        correct += int((logits.argmax(-1) == y[index]).sum())
+        seen += len(index)
+    head.eval()
+    with torch.no_grad():
+        def metrics(name: str, split) -> dict:
+            return accuracy_metrics(head(feats[name]).argmax(-1), split.labels, n)
+
+        record = {"val": metrics("val", data.val), "test": metrics("test", data.test),
+                  "ood": {name: metrics(name, split) for name, split in data.ood.items()}}
+    _ood_means(record)
+    record.update(
+        deviation={"total": 0.0, "relative": 0.0},  # the backbone is frozen by construction
+        layers={"names": [], "deviation": [], "relative": [], "ndim": []}, spd=None,
+        run_id=spec.run_id, optimizer=spec.optimizer, seed=spec.seed, hparams=spec.hparams,
+        steps=total, batch_size=batch_size, train_loss=loss_sum / total, train_accuracy=correct / max(1, seen),
+        wall_time_s=time.perf_counter() - t0,
     )
     return record
 
@@ -183,10 +313,14 @@ def _evaluate_all(model: nn.Module, data: TaskData, task_model: TaskModel, batch
         "test": evaluate(model, task_model, data.test, n, batch_size),
         "ood": {name: evaluate(model, task_model, split, n, batch_size) for name, split in data.ood.items()},
     }
+    _ood_means(record)
+    return record
+
+
+def _ood_means(record: dict) -> None:
     if record["ood"]:
         for metric in ("accuracy", "balanced_accuracy"):
             record[f"ood_mean_{metric}"] = sum(m[metric] for m in record["ood"].values()) / len(record["ood"])
-    return record
 
 
 @torch.no_grad()
