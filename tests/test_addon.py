@@ -6,10 +6,9 @@ import io
 
 import pytest
 import torch
+from conftest import SHAPES, clone_params, grad_stream, make_params, set_grads
 
 from spdecay import AdamSPD, SelectiveProjectionDecay
-
-SHAPES = [(), (5,), (4, 3), (2, 3, 2, 2)]
 
 
 @pytest.fixture(params=["whole", "sliced", "kernel"])
@@ -34,28 +33,12 @@ def layout(request, monkeypatch):
     yield request.param
 
 
-def make_params(dtype=torch.float64, seed=0, shapes=SHAPES):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, dtype=dtype, generator=g).requires_grad_() for s in shapes]
 
 
-def clone_params(params):
-    return [p.detach().clone().requires_grad_() for p in params]
 
 
-def grad_stream(shapes, steps, seed=1, dtype=torch.float64):
-    """Gradients whose drift flips sign every 4 steps, so the SPD condition fires on some steps."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for t in range(steps):
-        drift = 0.7 if (t // 4) % 2 == 0 else -0.7
-        out.append([torch.randn(s, dtype=dtype, generator=g) + drift for s in shapes])
-    return out
 
 
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = None if g is None else g.clone()
 
 
 class ReferenceSGDThenSPD:

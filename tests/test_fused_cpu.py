@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_params
 from reference import ReferenceAdamSPD
 
 import spdecay.spd.backends.cpu as FC
@@ -21,9 +22,6 @@ def grads_for(shapes, steps, seed=1, dtype=torch.float64):
         yield [torch.randn(s, dtype=dtype, generator=g) + drift for s in shapes]
 
 
-def params_for(shapes, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, dtype=dtype, generator=g).requires_grad_() for s in shapes]
 
 
 @pytest.mark.parametrize("options", [
@@ -33,7 +31,7 @@ def params_for(shapes, dtype=torch.float64, seed=0):
     {"weight_decay": 2.5},
 ], ids=["plain", "amsgrad-maximize", "zero-anchor", "lam2.5"])
 def test_float64_trajectory_matches_reference(options):
-    params = params_for(SHAPES)
+    params = make_params(shapes=SHAPES)
     ref_options = {k: v for k, v in options.items() if k != "anchor"}
     if options.get("anchor") == "zero":
         ref_options["anchors"] = [None] * len(params)
@@ -52,7 +50,7 @@ def test_float64_trajectory_matches_reference(options):
 
 
 def test_float32_with_bf16_anchors_matches_multi_tensor_path():
-    pa = params_for(SHAPES, torch.float32, seed=2)
+    pa = make_params(torch.float32, shapes=SHAPES, seed=2)
     pb = [p.detach().clone().requires_grad_() for p in pa]
     oa = AdamSPD(pa, lr=0.01, anchor_dtype=torch.bfloat16, foreach=True)
     ob = AdamSPD(pb, lr=0.01, anchor_dtype=torch.bfloat16, fused=True)
@@ -75,7 +73,7 @@ def test_result_does_not_depend_on_the_number_of_threads():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            params = params_for(SHAPES, torch.float32, seed=4)
+            params = make_params(torch.float32, shapes=SHAPES, seed=4)
             opt = AdamSPD(params, lr=0.01, fused=True)
             for grads in grads_for(SHAPES, 5, seed=5, dtype=torch.float32):
                 for p, g in zip(params, grads):
@@ -122,7 +120,7 @@ def test_layouts_outside_the_kernel_fall_back_in_the_same_step(monkeypatch):
 
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_l2sp_and_adamw_groups_use_the_kernel_exactly(decoupled):
-    pa, pb = params_for(SHAPES, seed=7), params_for(SHAPES, seed=7)
+    pa, pb = make_params(shapes=SHAPES, seed=7), make_params(shapes=SHAPES, seed=7)
     oa = AdamL2SP(pa, lr=0.02, weight_decay=0.3, decoupled=decoupled, foreach=False)
     ob = AdamL2SP(pb, lr=0.02, weight_decay=0.3, decoupled=decoupled, fused=True)
     for grads in grads_for(SHAPES, 6, seed=8):

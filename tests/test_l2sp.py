@@ -7,16 +7,13 @@ import math
 
 import pytest
 import torch
+from conftest import SHAPES, make_params, set_grads
 
 from spdecay import AdamL2SP
 
-SHAPES = [(), (5,), (4, 3), (2, 3, 2, 2)]
 PATHS = [pytest.param(False, id="single"), pytest.param(True, id="foreach")]
 
 
-def make_params(dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, dtype=dtype, generator=g).requires_grad_() for s in SHAPES]
 
 
 def grad_stream(steps, seed=1, dtype=torch.float64):
@@ -24,9 +21,6 @@ def grad_stream(steps, seed=1, dtype=torch.float64):
     return [[torch.randn(s, dtype=dtype, generator=g) + 0.3 for s in SHAPES] for _ in range(steps)]
 
 
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
 
 
 class ReferenceAdamL2SP:
