@@ -109,9 +109,6 @@ def test_wheel_imports_in_fresh_venv(fresh_venv):
     assert proc.stdout.strip() == _project_version()
 
 
-# TODO(lead): the CLI still imports typer at module level; drop this mark once the lazy-typer
-# fix in spdecay/cli.py lands (the test then passes and must keep passing).
-@pytest.mark.xfail(reason="pending: spdecay.cli imports typer at import time", strict=False)
 def test_cli_help_in_fresh_venv(fresh_venv):
     # `spdecay --help` must work without the `experiments` extra (typer is not installed here).
     proc = subprocess.run(
