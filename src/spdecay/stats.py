@@ -17,9 +17,28 @@ class SPDStats:
     """The last step's SPD results, one entry per parameter tensor (per logical tensor of a
     flat engine partition).
 
-    ``fired``: the condition c = -<g, p - p0> < 0 held (the layer was a projection candidate);
-    ``ratio``: the ratio r applied (0 where it did not fire); ``deviation``: ||p - p0|| before the
-    step. Tensors stay on the parameters' device until you read them.
+    Returned by [`AdamSPD.spd_stats`][spdecay.AdamSPD.spd_stats],
+    [`SelectiveProjectionDecay.spd_stats`][spdecay.SelectiveProjectionDecay.spd_stats] and the
+    functional [`adam_spd`][spdecay.adam_spd]. The tensors stay on the parameters' device, so
+    building the object costs no host sync; only [`summary`][spdecay.SPDStats.summary] and
+    [`as_dict`][spdecay.SPDStats.as_dict] read the values.
+
+    Attributes:
+        names: the parameter names (``param_names`` of the group when the optimizer was built
+            from named parameters; ``"<name>[k]"`` or the layout's names for the logical
+            tensors of a flat partition).
+        fired: bool tensor ``[n]``: the condition c = -<g, p - p0> < 0 held (the layer was a
+            projection candidate).
+        ratio: float32 tensor ``[n]``: the ratio r applied (0 where it did not fire).
+        deviation: float32 tensor ``[n]``: ||p - p0|| before the step.
+
+    Example:
+        ```python
+        stats = opt.spd_stats()
+        stats.summary()     # {'fraction_regularised': 0.4, 'mean_ratio': ..., 'deviation': ...}
+        stats.ratio.mean()  # a device tensor: no host sync
+        stats.as_dict()["encoder.layer.0.attention.self.query.weight"]  # {'fired': 1.0, ...}
+        ```
     """
 
     names: list[str]
@@ -31,6 +50,18 @@ class SPDStats:
     def from_lists(
         cls, names: list[str], fired: list[Tensor], ratio: list[Tensor], deviation: list[Tensor]
     ) -> SPDStats:
+        """Stack per-tensor 0-d tensors (one of each per name) into an ``SPDStats``.
+
+        Args:
+            names: the parameter names.
+            fired: 0-d bool tensors, one per name.
+            ratio: 0-d float tensors, one per name.
+            deviation: 0-d float tensors, one per name.
+
+        Returns:
+            The stats on the device of ``fired[0]``, with ``ratio`` and ``deviation`` as
+            float32 (empty tensors when ``names`` is empty).
+        """
         if not names:
             empty = torch.zeros(0)
             return cls([], empty.bool(), empty, empty)
@@ -46,8 +77,19 @@ class SPDStats:
     def from_decisions(
         cls, names: list[str], decisions: Sequence[Any], layouts: Sequence[Any]
     ) -> SPDStats:
-        """From the driver's per-parameter ``(Decisions, first column, width)`` (None: not
-        stepped); a parameter with a FlatLayout gives one entry per logical tensor."""
+        """Stats from the driver's decisions, one entry per tensor that was stepped.
+
+        Args:
+            names: one name per parameter.
+            decisions: per parameter, ``(Decisions, first column, width)`` from the driver, or
+                None where the parameter was not stepped (it gets no entry).
+            layouts: per parameter, its [`FlatLayout`][spdecay.FlatLayout] or None; a parameter
+                with a layout gives one entry per logical tensor (named by the layout's
+                ``names``, else ``"<name>[k]"``).
+
+        Returns:
+            The stats, as [`from_lists`][spdecay.SPDStats.from_lists] builds them.
+        """
         out_names, fired, ratio, deviation = [], [], [], []
         for name, entry, layout in zip(names, decisions, layouts):
             if entry is None:
@@ -64,12 +106,19 @@ class SPDStats:
         return cls.from_lists(out_names, fired, ratio, deviation)
 
     def __len__(self) -> int:
+        """The number of entries (tensors)."""
         return len(self.names)
 
     def summary(self) -> dict[str, float]:
         """Scalar summary with the keys the framework loggers use (reads the values: call it
-        outside the hot loop): fraction_regularised, mean_ratio, deviation (||theta - theta_0||
-        over all tensors)."""
+        outside the hot loop).
+
+        Returns:
+            ``fraction_regularised`` (the share of tensors whose condition fired),
+            ``mean_ratio`` (the mean ratio r, counting 0 where it did not fire) and
+            ``deviation`` (||theta - theta_0|| over all the tensors: the square root of the sum
+            of ``deviation**2``); all 0.0 when there are no entries.
+        """
         if not self.names:
             return {"fraction_regularised": 0.0, "mean_ratio": 0.0, "deviation": 0.0}
         return {
@@ -79,7 +128,11 @@ class SPDStats:
         }
 
     def as_dict(self) -> dict[str, dict[str, float]]:
-        """{name: {"fired", "ratio", "deviation"}} as Python numbers."""
+        """Per-tensor values as Python numbers (reads the values).
+
+        Returns:
+            ``{name: {"fired": 0.0 or 1.0, "ratio": r, "deviation": ||p - p0||}}``.
+        """
         fired, ratio, dev = self.fired.tolist(), self.ratio.tolist(), self.deviation.tolist()
         return {
             n: {"fired": float(f), "ratio": r, "deviation": d}
