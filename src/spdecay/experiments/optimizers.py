@@ -92,7 +92,8 @@ def build_optimizer(
     if name == "sgdspd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM)
         addon = spdecay.SelectiveProjectionDecay(opt, weight_decay=strength)
-        return BuiltOptimizer(opt, addon.stats, addon)
+        # spd_stats() (the one name since issue 10); stats() on older versions
+        return BuiltOptimizer(opt, getattr(addon, "spd_stats", None) or addon.stats, addon)
     raise RunnerError(f"unknown optimizer {name!r}")
 
 

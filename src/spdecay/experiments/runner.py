@@ -211,29 +211,36 @@ def run_compare(
 
 
 def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
-    """Combine runs of one study made with different ``--first-seed`` (e.g. in parallel
-    processes) into ``out``: one config, one results file, one report with paired statistics.
-    The folders' configurations must agree on everything but the seeds."""
+    """Combine runs of one study split over processes (different ``--first-seed`` or
+    ``--optimizers`` subsets) into ``out``: one config, one results file, one report with paired
+    statistics. The folders' configurations must agree on everything but the seeds and the
+    methods; a run present in several folders (the same deterministic run) is kept once."""
     import dataclasses
+
+    from spdecay.experiments.config import OPTIMIZERS
 
     configs = [CompareConfig.load(Path(f) / "config.json") for f in folders]
     if not configs:
         raise RunnerError("merge_runs: no folders given")
 
     def settings(c: CompareConfig) -> dict:
-        return {k: v for k, v in dataclasses.asdict(c).items() if k not in ("seeds", "first_seed")}
+        return {k: v for k, v in dataclasses.asdict(c).items() if k not in ("seeds", "first_seed", "optimizers")}
 
     for folder, c in zip(folders, configs):
         if settings(c) != settings(configs[0]):
             raise RunnerError(f"merge_runs: {folder} was made with other settings than {folders[0]}")
     records: list[dict] = []
+    seen: set[str] = set()
     for folder in folders:
-        records += read_records(Path(folder) / "results.jsonl")
-    ids = [r["run_id"] for r in records]
-    if len(set(ids)) != len(ids):
-        raise RunnerError("merge_runs: the folders share runs (the same seed twice)")
-    seeds = sorted({s for c in configs for s in range(c.first_seed, c.first_seed + c.seeds)})
-    config = dataclasses.replace(configs[0], first_seed=seeds[0], seeds=len(seeds))
+        for r in read_records(Path(folder) / "results.jsonl"):
+            if r["run_id"] not in seen:
+                seen.add(r["run_id"])
+                records.append(r)
+    methods = {n for c in configs for n in c.optimizers}
+    order = [n for n in OPTIMIZERS if n in methods]
+    records.sort(key=lambda r: (r["seed"], order.index(r["optimizer"])))
+    seeds = sorted({r["seed"] for r in records})
+    config = dataclasses.replace(configs[0], first_seed=seeds[0] if seeds else 0, seeds=len(seeds), optimizers=order)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", config.to_json())
     write_records(out, records)
