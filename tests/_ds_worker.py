@@ -14,6 +14,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,9 +118,14 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-def fired_of(opt: torch.optim.Optimizer, addon: Any) -> dict[str, bool]:
-    stats = addon.stats() if addon is not None else opt.spd_stats()
-    return dict(zip(stats.names, map(bool, stats.fired.tolist())))
+def fired_of(opt: torch.optim.Optimizer, addon: Any, model: nn.Module) -> dict[str, bool]:
+    """{parameter name: fired} of the last step. Unnamed groups report "group{g}.param{i}";
+    DeepSpeed runs report the layouts' names (the model's parameter names)."""
+    stats = (addon or opt).spd_stats()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_index = {f"group{g}.param{i}": names[id(p)]
+                for g, group in enumerate(groups(model)) for i, p in enumerate(group["params"])}
+    return {by_index.get(n, n): bool(f) for n, f in zip(stats.names, stats.fired.tolist())}
 
 
 def single_process(make_opt: Callable) -> tuple[dict[int, dict], list[dict[str, bool]]]:
@@ -133,7 +139,7 @@ def single_process(make_opt: Callable) -> tuple[dict[int, dict], list[dict[str, 
         F.cross_entropy(model(tokens), labels).backward()
         opt.step()
         snapshots[t + 1] = params_of(model)
-        fired.append(fired_of(opt, addon))
+        fired.append(fired_of(opt, addon, model))
     return snapshots, fired
 
 
@@ -144,6 +150,8 @@ def config(world: int, stage: int, **zero: Any) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage, **zero},
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # let offload keep the client optimizer
+        "gradient_clipping": 0.0,  # DeepSpeed clips at norm 1.0 unless told otherwise
         "steps_per_print": 10**9,
     }
 
@@ -180,7 +188,7 @@ def check_trajectory(rank: int, world: int, stage: int, make_opt: Callable, want
     fired: list[dict[str, bool]] = []
 
     def on_step(t: int) -> None:
-        fired.append(fired_of(opt, addon))
+        fired.append(fired_of(opt, addon, engine.module))
         if ckpt is not None and t == SAVE_AT:
             engine.save_checkpoint(str(ckpt), tag=f"step{SAVE_AT}")
 
@@ -195,6 +203,18 @@ def check_trajectory(rank: int, world: int, stage: int, make_opt: Callable, want
         train(engine2, range(SAVE_AT, STEPS), rank, world)
         res["resume"] = max_diff(params_of(engine2.module), want[STEPS])
     return res
+
+
+def check_whole_partition_layout(rank: int, world: int, want: dict) -> float:
+    """Control: a layout that calls each flat partition one layer (what AdamSPD did before
+    layouts existed) must be far from the single-process run, or the comparison is blind."""
+    from spdecay.spd.layout import FlatLayout
+
+    engine, opt, _ = engine_for(world, 1, adam_spd)
+    for flat in engine.optimizer.single_partition_of_fp32_groups:
+        opt.set_flat_layout(flat, FlatLayout((0,), (flat.numel(),), (0,), 1, process_group=None))
+    train(engine, range(STEPS), rank, world)
+    return max_diff(params_of(engine.module), want[STEPS])
 
 
 def check_refused(rank: int, world: int, stage: int, make_opt: Callable) -> dict[str, Any]:
@@ -228,8 +248,10 @@ def run_all(rank: int, world: int, out: Path) -> dict[str, Any]:
 
     def guarded(key: str, fn: Callable, *args: Any, **kw: Any) -> None:
         # A crash on one rank would leave the others waiting in a collective: fail the run.
+        start = time.perf_counter()
         try:
             res[key] = fn(*args, **kw)
+            res.setdefault("seconds", {})[key] = round(time.perf_counter() - start, 2)
         except Exception as e:
             raise RuntimeError(f"rank {rank}: check {key!r} crashed") from e
 
@@ -242,7 +264,10 @@ def run_all(rank: int, world: int, out: Path) -> dict[str, Any]:
         guarded(f"addon_no_attach_s{stage}", check_refused, rank, world, stage, adamw_with_addon)
     guarded("s2_round_robin_aligned", check_trajectory, rank, world, 2, adam_spd, ref,
             round_robin_gradients=True, parameter_alignment=True)
+    guarded("whole_partition_layout", check_whole_partition_layout, rank, world, ref)
     guarded("attach_s3", check_attach_refused, world, 3, adam_spd)
+    guarded("attach_offload", check_attach_refused, world, 2, adam_spd,
+            offload_optimizer={"device": "cpu"})
     guarded("no_attach_s3", check_refused, rank, world, 3, adam_spd)
     return res
 
