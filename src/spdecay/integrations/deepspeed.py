@@ -28,7 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from spdecay.spd.layout import FlatLayout
 
-__all__ = ["attach", "zero_layouts"]
+__all__ = ["attach", "attach_to_trainer", "zero_layouts"]
 
 
 def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
@@ -75,6 +75,26 @@ def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
     for flat, layout in zip(wrapper.single_partition_of_fp32_groups, layouts):
         target.set_flat_layout(flat, layout)
     return layouts
+
+
+def attach_to_trainer(trainer: Any) -> None:
+    """Hugging Face ``Trainer`` with ``TrainingArguments(deepspeed=config)``: call
+    :func:`attach` on the DeepSpeed engine as soon as the Trainer has built it (at the start of
+    every ``trainer.train()``, before the first step). Call it once, before ``train()``.
+    """
+    from transformers import TrainerCallback
+
+    class _AttachCallback(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            engine = getattr(trainer, "model_wrapped", None)
+            if type(engine).__name__ != "DeepSpeedEngine":
+                raise RuntimeError(
+                    "spdecay.integrations.deepspeed.attach_to_trainer: the Trainer does not run "
+                    "under DeepSpeed (TrainingArguments(deepspeed=...) not set); remove the call"
+                )
+            attach(engine)
+
+    trainer.add_callback(_AttachCallback())
 
 
 def zero_layouts(zero: Any) -> list[FlatLayout]:
