@@ -13,14 +13,14 @@ from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.llm_data import RETENTION_SET
 from spdecay.experiments.results_io import atomic_write_text
 
-ORDER = ("pretrained", "probe", "adamw", "wiseft", "l2sp", "adamspd", "sgdspd")
-NAMES = {"pretrained": "pre-trained (zero-shot)", "probe": "linear probe", "adamw": "AdamW", "wiseft": "WiSE-FT (AdamW, α=0.5)",
+ORDER = ("pretrained", "probe", "adamw", "wise_ft", "l2sp", "adamspd", "sgdspd")
+NAMES = {"pretrained": "pre-trained (zero-shot)", "probe": "linear probe", "adamw": "AdamW", "wise_ft": "WiSE-FT (AdamW, α=0.5)",
          "l2sp": "Adam L2-SP", "adamspd": "AdamSPD", "sgdspd": "SGD + SPD"}
 REGULARISES = {
     "pretrained": "nothing is trained",
     "probe": "only a logistic-regression head on frozen features (C chosen on ID validation); the LM is untouched",
     "adamw": "decoupled decay of every adapter towards zero (lr · wd · θ per step)",
-    "wiseft": "AdamW's result, halfway back to the pre-trained weights (lora_B scaled by α)",
+    "wise_ft": "AdamW's result, halfway back to the pre-trained weights (lora_B scaled by α)",
     "l2sp": "loss-level penalty wd/2 ‖θ − θ₀‖² towards each adapter's initial value (lora_B 0, lora_A its random init)",
     "adamspd": "selective projection of each adapter towards zero (anchor=\"zero\"), strength wd",
     "sgdspd": "SGD with the SPD add-on, adapters projected towards zero",
@@ -131,7 +131,7 @@ def summary(best: dict[str, dict]) -> str:
         parts.append(f"The untouched model scores {pre['test']['balanced_accuracy']:.3f} (ID test), "
                      f"{pre['ood']['tweets']['balanced_accuracy']:.3f} (tweets) and "
                      f"{pre['ood'][RETENTION_SET]['balanced_accuracy']:.3f} (BBC News) zero-shot (balanced accuracy).")
-    trained = [n for n in ("adamw", "l2sp", "adamspd", "sgdspd", "wiseft") if n in best]
+    trained = [n for n in ("adamw", "l2sp", "adamspd", "sgdspd", "wise_ft") if n in best]
     if trained:
         def mean_of(n, f):
             return statistics.fmean(f(r) for r in best[n]["records"])
@@ -148,58 +148,64 @@ def summary(best: dict[str, dict]) -> str:
     return " ".join(parts)
 
 
-def write_llm_report(out: Path, config: CompareConfig, records: list[dict], *, log=print, total_s: float | None = None) -> str:
-    """The runner's report and plots (when they accept these records), then the llm section."""
-    base = ""
+def statement(config: CompareConfig) -> str:
+    if config.quick:
+        return ("Smoke-scale run (`--quick`): a handful of steps and examples; the numbers only show that "
+                "everything runs and mean nothing about the methods.")
+    return ("LoRA (r=8 on q_proj and v_proj) on SmolLM2-135M-Instruct, trained as instruction following: a chat "
+            "prompt with the text and the answer word as the target. Classification compares the log-likelihood "
+            "of each label word (no sampling). ID: Rotten Tomatoes; distribution shift: tweets (same question); "
+            "capability retention: BBC News topics (5 classes) zero-shot, never trained on, scored before and "
+            "after fine-tuning (forgetting = before − after). `pretrained` is the untouched model zero-shot.")
+
+
+def llm_section(best: dict[str, dict]) -> str:
+    main = llm_table(best)
+    return f"""## LLM: balanced accuracy and capability retention (BBC News zero-shot)
+
+{main}
+
+Balanced accuracy, mean ± std over seeds at each method's chosen strength. "BBC before → after": the
+pre-trained model's zero-shot score and the fine-tuned model's; forgetting = before − after (the
+probe leaves the LM untouched, so it forgets nothing by construction). ‖ΔW‖/‖W‖: the adapters' weight
+change s·B·A relative to the weights it modifies.
+
+### What came out
+
+{summary(best)}
+"""
+
+
+def write_llm_report(out: Path, config: CompareConfig, records: list[dict], *, log=print,
+                     total_s: float | None = None, notes: dict | None = None) -> str:
+    """The runner's report (protocol, comparison, paired differences, plots) with the llm
+    section (forgetting) after its comparison; a complete llm-only report if the common one
+    cannot take these records."""
+    best = select_llm(records)
+    timing = f"\n\nWall time of this invocation: {total_s / 60:.1f} min." if total_s else ""
+    section = llm_section(best) + timing
     try:
         from spdecay.experiments.report import write_report
 
-        write_report(out, config, records)
+        write_report(out, config, records, data_notes=notes, statement=statement(config))
         base = (out / "report.md").read_text()
-    except Exception as exc:  # noqa: BLE001 - the llm section below is complete on its own
-        log(f"llm: the common report did not accept the llm records ({type(exc).__name__}: {exc}); llm section only")
+        marker = "## Paired differences"
+        at = base.find(marker)
+        text = (base[:at] + section + "\n" + base[at:]) if at >= 0 else base + "\n" + section
+    except Exception as exc:  # noqa: BLE001 - the llm-only report below is complete on its own
+        log(f"llm: the common report did not accept the llm records ({type(exc).__name__}: {exc}); "
+            "writing the llm report alone")
+        paired_table, sentences = paired_section(best)
+        regs = _table(["method", "what it regularises"], [[NAMES.get(n, n), REGULARISES.get(n, "-")] for n in best])
+        text = (f"# spdecay compare: task `llm`\n\n{statement(config)}\n\n{section}\n"
+                f"## Paired differences against AdamW (per seed; mean [95% t-interval] when ≥ 2 seeds)\n\n"
+                f"{paired_table}\n\n" + "\n".join("- " + x for x in sentences)
+                + f"\n\n## What each method regularises\n\n{regs}\n")
     try:
         from spdecay.experiments.plots import write_plots
 
         write_plots(out, records)
     except Exception as exc:  # noqa: BLE001 - plots are optional (matplotlib may be missing)
         log(f"plots skipped: {type(exc).__name__}: {exc}")
-    best = select_llm(records)
-    main = llm_table(best)
-    paired_table, sentences = paired_section(best)
-    first = next(r for r in records if r["steps"])  if any(r["steps"] for r in records) else records[0]
-    regs = _table(["method", "what it regularises"], [[NAMES.get(n, n), REGULARISES.get(n, "-")] for n in best])
-    text = f"""# spdecay compare: task `llm` (LoRA on SmolLM2-135M-Instruct)
-
-{'Smoke-scale run (`--quick`): the numbers only show that everything runs.' if config.quick else ''}
-LoRA (q_proj, v_proj) trained as instruction following: chat prompt with the text, the answer word
-as the target; {first['steps']} steps of batch {first['batch_size']}, seeds {config.seeds}. Classification compares the
-log-likelihood of each label word (no sampling). Headline metric: balanced accuracy (mean recall
-over classes). ID = Rotten Tomatoes; distribution shift = tweets (same question); capability
-retention = BBC News topics (5 classes) zero-shot, scored before and after fine-tuning:
-forgetting = before − after. Per method the strength is chosen by mean ID-validation balanced
-accuracy. ‖ΔW‖/‖W‖: size of the adapters' weight change relative to the weights they modify.
-{f'Total wall time {total_s / 60:.1f} min.' if total_s else ''}
-
-## Balanced accuracy and forgetting
-
-{main}
-
-## Paired differences against AdamW (per seed; mean [95% t-interval] when ≥ 2 seeds)
-
-{paired_table}
-
-{chr(10).join('- ' + s for s in sentences)}
-
-## What came out
-
-{summary(best)}
-
-## What each method regularises
-
-{regs}
-"""
-    if base:
-        text += "\n---\n\n## The runner's common report\n\n" + base.split("\n", 1)[1]
     atomic_write_text(out / "report.md", text)
-    return main
+    return llm_table(best)

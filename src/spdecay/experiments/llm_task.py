@@ -9,7 +9,7 @@ the target) and classifies by label-word log-likelihood (:mod:`llm_scoring`). Me
   init), so it can never collapse the adapters by construction;
 * ``adamspd``: AdamSPD with ``anchor="zero"`` for the adapters (the paper's PEFT setting);
 * ``sgdspd``: SGD + the SPD add-on, anchor zero (only when asked for);
-* ``wiseft``: each AdamW run's weights interpolated halfway to the pre-trained model;
+* ``wise_ft``: each AdamW run's weights interpolated halfway to the pre-trained model;
 * ``probe``: a logistic-regression probe on the frozen model's last prompt-position hidden
   state (sentiment sets only; the LM itself is untouched, so its BBC score is the pre-trained one).
 
@@ -67,7 +67,7 @@ class LLMDefaults:
 
 
 # Sized for one seed of every method in <= 30 min on 2 shared CPU cores (see the README's table).
-LLM_DEFAULTS = LLMDefaults(2000, 100, 200, 200, 10, 16, 40, 1e-3, 1e-2, 64, 8, 256)
+LLM_DEFAULTS = LLMDefaults(2000, 64, 160, 160, 8, 8, 32, 1e-3, 1e-2, 64, 8, 128)
 LLM_QUICK = LLMDefaults(32, 8, 8, 8, 1, 4, 3, 1e-3, 1e-2, 48, 8, 16)
 
 
@@ -114,7 +114,12 @@ def plan_llm(config: CompareConfig, d: LLMDefaults) -> list[LLMRun]:
     if len({len(p) for p in points.values()}) > 1:
         raise RunnerError(f"--sweep: every optimizer needs the same number of settings, got "
                           f"{ {m: len(p) for m, p in points.items()} }")
-    return [LLMRun(m, s, wd, lr) for s in range(config.seeds) for m in methods for wd, lr in points[m]]
+    return [LLMRun(m, s, wd, lr) for s in seed_range(config) for m in methods for wd, lr in points[m]]
+
+
+def seed_range(config: CompareConfig) -> range:
+    first = getattr(config, "first_seed", 0)  # seeds first .. first + seeds - 1
+    return range(first, first + config.seeds)
 
 
 def total_steps(config: CompareConfig, d: LLMDefaults, n_train: int) -> int:
@@ -389,7 +394,7 @@ def wise_ft_record(adamw_record: dict, model: nn.Module, task: LLMTask, alpha: f
         params[n].copy_(v)
     record.update(_no_deviation())
     record.update(
-        run_id=adamw_record["run_id"].replace("adamw-", "wiseft-", 1), optimizer="wiseft",
+        run_id=adamw_record["run_id"].replace("adamw-", "wise_ft-", 1), optimizer="wise_ft",
         seed=adamw_record["seed"], hparams=dict(adamw_record["hparams"]), steps=adamw_record["steps"],
         batch_size=adamw_record["batch_size"], spd=None, alpha=alpha,
         train_loss=None, train_accuracy=None, wall_time_s=adamw_record["wall_time_s"] + time.perf_counter() - t0,
@@ -452,36 +457,38 @@ def _prepare_out(config: CompareConfig, out: Path | None, resume: bool) -> tuple
     return config, out
 
 
-def _threads(device: torch.device) -> int:
-    if device.type != "cpu":
-        return torch.get_num_threads()
+def _threads(device: torch.device, threads: int | None) -> int:
+    """--threads, else OMP_NUM_THREADS, else every core this process may use."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = int(env) if env.isdigit() and int(env) > 0 else cores
-    torch.set_num_threads(n)
-    return n
+    n = threads or (int(env) if env.isdigit() and int(env) > 0 else cores)
+    if device.type == "cpu" or threads is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def run_llm_compare(
     config: CompareConfig, out: Path | None = None, *, resume: bool = False, progress: bool = True,
-    log: Log = lambda s: print(s, file=sys.stderr),
+    threads: int | None = None, prepared: bool = False, log: Log = lambda s: print(s, file=sys.stderr),
 ) -> Path:
+    """Run (or continue) the llm comparison. ``prepared``: ``out`` was already checked and
+    holds this config (the common runner did it), so it is continued as is."""
     from spdecay.experiments.llm_model import load_causal_lm, smollm2_gguf
     from spdecay.experiments.tasks import resolve_device
 
     t_start = time.perf_counter()
-    config, out = _prepare_out(config, out, resume)
+    if not prepared:
+        config, out = _prepare_out(config, out, resume)
     d = llm_defaults(config)
     runs = plan_llm(config, d)
     device = resolve_device(config.device)
-    threads = _threads(device)
-    skipped = [m for m in config.optimizers if m not in (*TRAINED, "probe", "wiseft")]
+    threads = _threads(device, threads)
+    skipped = [m for m in config.optimizers if m not in (*TRAINED, "probe", "wise_ft")]
     if skipped:
         log(f"llm: {', '.join(skipped)} not applicable to the llm task (no new head); skipped")
-    want_wise = "adamw" in config.optimizers
+    want_wise = "adamw" in config.optimizers and "wise_ft" in config.optimizers
     records = read_records(out / "results.jsonl")
     done = {r["run_id"] for r in records}
-    n_planned = 1 + len(runs) + (len([r for r in runs if r.optimizer == "adamw"]) if want_wise else 0) + 1
     log(f"spdecay compare: task llm (LoRA r={d.lora_rank} on SmolLM2-135M-Instruct), {len(runs)} trained runs "
         f"+ pretrained/probe{'/WiSE-FT' if want_wise else ''} references, {threads} threads on {device}, output {out}")
 
@@ -495,20 +502,22 @@ def run_llm_compare(
 
     def save(record: dict) -> None:
         record["task"] = "llm"
+        record["schedule"] = "cosine"  # 10% warm-up, cosine to LR_FLOOR of the peak
         records.append(record)
         done.add(record["run_id"])
         write_records(out, records)
 
     # The reference: the pre-trained model zero-shot (deterministic: one evaluation for all seeds).
-    pre_id = "pretrained-seed0-wd0-lr0"
+    seeds = seed_range(config)
+    pre_id = f"pretrained-seed{seeds[0]}-wd0-lr0"
     t0 = time.perf_counter()
     pre = next((r for r in records if r["run_id"] == pre_id), None)
     feats: dict = {}
-    if pre is None or ("probe" in config.optimizers and any(f"probe-seed{s}-wd0-lr0" not in done for s in range(config.seeds))):
+    if pre is None or ("probe" in config.optimizers and any(f"probe-seed{s}-wd0-lr0" not in done for s in seeds)):
         log("llm: scoring the pre-trained model zero-shot on every set")
         pre_metrics, feats = task.evaluate_all(task.base, features=True)
         if pre is None:
-            pre = {**pre_metrics, **_no_deviation(), "run_id": pre_id, "optimizer": "pretrained", "seed": 0,
+            pre = {**pre_metrics, **_no_deviation(), "run_id": pre_id, "optimizer": "pretrained", "seed": seeds[0],
                    "hparams": {"weight_decay": 0.0, "lr": 0.0}, "steps": 0, "batch_size": 0, "spd": None,
                    "train_loss": None, "train_accuracy": None, "wall_time_s": time.perf_counter() - t0,
                    "load": {"from_cache": info.from_cache, "seconds": info.seconds}}
@@ -518,12 +527,12 @@ def run_llm_compare(
             f"tweets {pre['ood']['tweets']['balanced_accuracy']:.3f} bbc {pre['ood'][RETENTION_SET]['balanced_accuracy']:.3f} "
             f"(balanced; {time.perf_counter() - t0:.0f} s)")
     before = pre["ood"][RETENTION_SET]
-    for s in range(1, config.seeds):  # the same numbers under every seed: paired tables line up
+    for s in seeds[1:]:  # the same numbers under every seed: paired tables line up
         rid = f"pretrained-seed{s}-wd0-lr0"
         if rid not in done:
             save({**pre, "run_id": rid, "seed": s})
     if "probe" in config.optimizers:
-        for s in range(config.seeds):
+        for s in seeds:
             if f"probe-seed{s}-wd0-lr0" not in done:
                 rec = probe_record(task, pre, feats, s)
                 add_retention(rec, before)
@@ -532,7 +541,7 @@ def run_llm_compare(
                     f"tweets {rec['ood']['tweets']['balanced_accuracy']:.3f} (C {rec['probe_C']:g}, {rec['wall_time_s']:.0f} s)")
 
     todo = [r for r in runs if r.run_id not in done or (want_wise and r.optimizer == "adamw"
-                                                         and r.run_id.replace("adamw-", "wiseft-", 1) not in done)]
+                                                         and r.run_id.replace("adamw-", "wise_ft-", 1) not in done)]
     times: list[float] = []
     for i, run in enumerate(todo, 1):
         rec, model = train_llm_run(run, task, steps, progress)
@@ -549,12 +558,11 @@ def run_llm_compare(
             wise = wise_ft_record(rec, model, task)
             add_retention(wise, before)
             save(wise)
-            log(f"    wiseft (alpha {WISE_ALPHA}): test {wise['test']['balanced_accuracy']:.3f} tweets "
+            log(f"    wise_ft (alpha {WISE_ALPHA}): test {wise['test']['balanced_accuracy']:.3f} tweets "
                 f"{wise['ood']['tweets']['balanced_accuracy']:.3f} bbc {wise['ood'][RETENTION_SET]['balanced_accuracy']:.3f}")
         del model
     from spdecay.experiments.llm_report import write_llm_report
 
     table = write_llm_report(out, config, records, log=log, total_s=time.perf_counter() - t_start)
     print(table)
-    del n_planned
     return out
