@@ -28,7 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from spdecay.spd.layout import FlatLayout
 
-__all__ = ["attach", "attach_to_trainer", "zero_layouts"]
+__all__ = ["attach", "attach_to_trainer", "zero3_layouts", "zero_layouts"]
 
 
 def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
@@ -47,13 +47,9 @@ def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
             f"deepspeed.initialize(...) with an optimizer, got {type(engine).__name__}"
         )
     kind = type(wrapper).__name__
-    if kind == "DeepSpeedZeroOptimizer_Stage3":
-        raise NotImplementedError(
-            "spdecay.integrations.deepspeed.attach: ZeRO stage 3 is not supported: it partitions "
-            "every tensor separately and steps sub-groups of partitions that spdecay does not map "
-            "yet. Use ZeRO stage 1 or 2 (\"zero_optimization\": {\"stage\": 2})."
-        )
     client = getattr(wrapper, "optimizer", None)
+    if kind == "DeepSpeedZeroOptimizer_Stage3":
+        return _attach_zero3(wrapper, _spd_target(client, addon, required=True))
     if kind != "DeepSpeedZeroOptimizer":
         if _spd_target(wrapper, addon, required=False) is not None:
             return []  # the client optimizer itself: DeepSpeed did not flatten anything
@@ -145,6 +141,83 @@ def zero_layouts(zero: Any) -> list[FlatLayout]:
             process_group=group,
             names=names,
         ))
+    return layouts
+
+
+def zero3_layouts(zero: Any) -> list[FlatLayout]:
+    """The :class:`FlatLayout` of each sub-group's local fp32 partition of a ZeRO-3 optimizer
+    (``engine.optimizer``), in sub-group order.
+
+    ZeRO-3 partitions every tensor on its own: rank ``r`` holds elements
+    ``[r * n, (r + 1) * n)`` of each flattened tensor (``n = ceil(numel / world)``, the last
+    ranks' pieces padded), and a sub-group's fp32 partition is these pieces one after another.
+    Logical ids are the tensors' positions in the sub-group, the same on every rank.
+    """
+    import torch.distributed as dist
+
+    from spdecay.spd.layout import FlatLayout
+
+    names = getattr(zero, "param_names", None) or {}
+    layouts = []
+    for j, params in enumerate(zero.fp16_groups):
+        flat = zero.fp32_partitioned_groups_flat[j]
+        group = zero.sub_group_process_groups[j]
+        if any(getattr(p, "ds_process_group", group) is not group for p in params):
+            raise NotImplementedError(
+                "spdecay.integrations.deepspeed.attach: ZeRO-3 sub-group whose tensors are "
+                "partitioned over another process group (MoE/AutoEP) is not supported"
+            )
+        rank = dist.get_rank(group=group)
+        offsets, lengths, at = [], [], 0
+        for p in params:
+            piece = int(p.ds_tensor.ds_numel)
+            offsets.append(at)
+            lengths.append(max(0, min(piece, int(p.ds_numel) - rank * piece)))
+            at += piece
+        if flat.dim() != 1 or flat.numel() != at:
+            raise RuntimeError(
+                f"spdecay.integrations.deepspeed: ZeRO-3 sub-group {j}: the local partition has "
+                f"shape {tuple(flat.shape)}, expected ({at},); this DeepSpeed version lays "
+                "partitions out differently from what spdecay supports"
+            )
+        found = [names.get(p) for p in params]
+        layouts.append(FlatLayout(
+            offsets=tuple(offsets), lengths=tuple(lengths), logical_ids=tuple(range(len(params))),
+            num_logical=len(params), process_group=group,
+            names=tuple(found) if all(isinstance(n, str) for n in found) else None,
+        ))
+    return layouts
+
+
+def _attach_zero3(zero: Any, target: Any) -> list[FlatLayout]:
+    for flag, what in (("offload_optimizer", "optimizer offload (offload_optimizer)"),
+                       ("offload_param", "parameter offload (offload_param)"),
+                       ("zenflow", "ZenFlow"), ("use_muon", "Muon")):
+        if getattr(zero, flag, False):
+            raise NotImplementedError(
+                f"spdecay.integrations.deepspeed.attach: {what} is not supported with SPD; "
+                "use ZeRO stage 1, 2 or 3 without it."
+            )
+    if (getattr(zero, "zero_hpz_partition_size", 1) or 1) > 1:
+        raise NotImplementedError(
+            "spdecay.integrations.deepspeed.attach: ZeRO++ hierarchical partitioning "
+            "(zero_hpz_partition_size > 1) is not supported with SPD"
+        )
+    layouts = zero3_layouts(zero)
+    import torch
+
+    groups = (target if isinstance(target, torch.optim.Optimizer) else target.optimizer).param_groups
+    for j, layout in enumerate(layouts):
+        # ZeRO-3 puts a sub-group's partition into its param group only while stepping it (and
+        # while saving or loading state); do the same while handing over its layout.
+        group = groups[zero.sub_group_to_group_id[j]]
+        flat = zero.fp32_partitioned_groups_flat[j]
+        saved = group["params"]
+        group["params"] = [flat]
+        try:
+            target.set_flat_layout(flat, layout)
+        finally:
+            group["params"] = saved
     return layouts
 
 
