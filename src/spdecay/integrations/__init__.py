@@ -2,4 +2,6 @@
 
 * :mod:`spdecay.integrations.hf`: Hugging Face ``Trainer`` (optimizer factory, stats callback).
 * :mod:`spdecay.integrations.lightning`: Lightning (stats callback).
+* :mod:`spdecay.integrations.deepspeed`: DeepSpeed ZeRO 1/2/3 (``attach(engine)``: per-layer SPD
+  on flat partitions; ``attach_to_trainer(trainer)`` for the HF Trainer).
 """

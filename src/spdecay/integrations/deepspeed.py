@@ -1,8 +1,9 @@
-"""DeepSpeed ZeRO stages 1 and 2: tell the SPD optimizer which layers its flat partitions hold.
+"""DeepSpeed ZeRO (stages 1, 2, 3): tell the SPD optimizer which layers its flat partitions hold.
 
-ZeRO-1/2 flattens each param group into one buffer, splits it evenly across the data-parallel
-ranks and hands the client optimizer one flat fp32 tensor per group. SPD decides per layer, so
-after ``deepspeed.initialize`` call::
+ZeRO flattens the parameters and hands the client optimizer one flat fp32 tensor per param group
+(stages 1/2: the group's tensors laid end to end and cut evenly across the data-parallel ranks;
+stage 3: every tensor partitioned on its own, the pieces of a sub-group laid end to end). SPD
+decides per layer, so after ``deepspeed.initialize`` call::
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=AdamSPD(...), config=cfg)
     spdecay.integrations.deepspeed.attach(engine)
@@ -10,13 +11,14 @@ after ``deepspeed.initialize`` call::
 :func:`attach` computes, for every flat partition, which slice of which original tensor each
 segment is (a :class:`~spdecay.spd.layout.FlatLayout`) and gives it to the optimizer
 (:class:`~spdecay.AdamSPD`, or the :class:`~spdecay.SelectiveProjectionDecay` add-on around a
-torch optimizer). SPD then sums per segment, all-reduces the per-layer sums over the group's
-data-parallel process group and decides per original tensor, as on one process. Without the
-call the optimizer refuses to step the flat buffers.
+torch optimizer). SPD then sums per segment, all-reduces the per-layer sums over the data-parallel
+process group and decides per original tensor, as on one process. Without the call the optimizer
+refuses to step the flat buffers. With the Hugging Face Trainer use :func:`attach_to_trainer`.
 
-Refused with an error naming the problem: ZeRO-3, optimizer offload (ZeRO-Offload), ZenFlow,
-MoE expert groups, the BF16/FP16 wrappers DeepSpeed uses without ZeRO (they flatten too), and
-client optimizers that are neither AdamSPD nor carry the SPD add-on.
+Refused with an error naming the problem: optimizer or parameter offload (ZeRO-Offload),
+ZenFlow, Muon, MoE expert groups, ZeRO++ hierarchical partitioning, the BF16/FP16 wrappers
+DeepSpeed uses without ZeRO (they flatten too), and client optimizers that are neither AdamSPD
+nor carry the SPD add-on.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
     Call it once on every rank, right after ``deepspeed.initialize`` (before training and before
     ``engine.load_checkpoint``). ``addon``: the :class:`~spdecay.SelectiveProjectionDecay` around
     the client optimizer (found automatically when omitted). Returns the layouts, one per param
-    group. Without ZeRO (stage 0, fp32) DeepSpeed keeps the original tensors and there is nothing
+    group (ZeRO-3: one per sub-group). Without ZeRO (stage 0, fp32) DeepSpeed keeps the original tensors and there is nothing
     to attach: an empty list is returned.
     """
     wrapper = getattr(engine, "optimizer", None)
@@ -56,15 +58,14 @@ def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
         raise NotImplementedError(
             f"spdecay.integrations.deepspeed.attach: DeepSpeed wraps the optimizer in {kind}, "
             "which flattens parameters in a layout spdecay does not map. Supported: ZeRO stages "
-            "1 and 2 (\"zero_optimization\": {\"stage\": 1 or 2}, fp32, bf16 or fp16), or no "
-            "ZeRO with fp32."
+            "1, 2 and 3 (\"zero_optimization\": {\"stage\": 1, 2 or 3}), or no ZeRO with fp32."
         )
     for flag, what in (("cpu_offload", "optimizer offload (offload_optimizer)"),
                        ("zenflow", "ZenFlow"), ("has_moe_layers", "MoE expert groups")):
         if getattr(wrapper, flag, False):
             raise NotImplementedError(
                 f"spdecay.integrations.deepspeed.attach: {what} is not supported with SPD; "
-                "use ZeRO stage 1 or 2 without it."
+                "use ZeRO stage 1, 2 or 3 without it."
             )
     target = _spd_target(client, addon, required=True)
     layouts = zero_layouts(wrapper)
