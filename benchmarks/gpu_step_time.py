@@ -16,8 +16,8 @@ plus 3 in pass 2 (read p, p0; write p) where it fires.
 
     PYTHONPATH=src python benchmarks/gpu_step_time.py --models vit_b,vit_l,llama8 --mixed
 
-``--sweep`` also times other block / chunk / warp sizes; ``--decision-ablation`` the SPD decision
-taken by torch ops (spd_ratio) instead of inside the reduce kernel.
+``--sweep`` also times other block / chunk / warp sizes. (The SPD decision is always the
+driver's ``spd_ratio``; the former in-kernel decision and its ablation flag are gone.)
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def copy_bandwidth(spin_s: float = 3.0) -> float:
 
 
 def run_model(key: str, args) -> list[dict]:
-    from spdecay import _triton
+    from spdecay.spd.backends import triton as _triton
 
     name, shapes_fn = MODELS[key]
     shapes = shapes_fn()
@@ -166,7 +166,7 @@ def run_model(key: str, args) -> list[dict]:
     bench("AdamW foreach", "-", adamw(None, True), 7)
     for scenario, acc in (("fire", 11), ("none", 8)):
         bench("AdamSPD triton", scenario, spd(), acc)
-        bench("AdamSPD triton+graph", scenario, spd(capturable=True), acc, graph=True)
+        bench("AdamSPD triton+graph", scenario, spd(), acc, graph=True)
         bench("AdamSPD foreach", scenario, spd(foreach=True), acc)
     if args.sweep:
         default = (_triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS)
@@ -175,10 +175,6 @@ def run_model(key: str, args) -> list[dict]:
             _triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS = block, iters, warps
             bench(f"triton B{block} I{iters} W{warps}", "fire", spd(), 11)
         _triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS = default
-    if args.decision_ablation:
-        _triton.FUSED_DECISION = False
-        bench("AdamSPD triton, torch decision", "fire", spd(), 11)
-        _triton.FUSED_DECISION = True
     if not args.skip_if:
         bench("per-tensor if", "fire", lambda ps, a: PerTensorIfSPD(ps, a, lr=lr), 11)
     if args.mixed:
@@ -190,7 +186,7 @@ def bench_mixed(name: str, key: str, shapes, numel: int, args) -> list[dict]:
     """bf16 parameters and gradients: AdamSPD with fp32 moments and bf16 anchors (functional
     Triton path) against torch's fused AdamW on bf16 (bf16 moments). Bytes per element: SPD
     2+2+4+4+2 read + 2+4+4 written in pass 1, 2+2+2 in pass 2 = 30; AdamW 7 x 2 = 14."""
-    from spdecay._triton import triton_adam_spd
+    from spdecay import adam_spd
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -203,10 +199,10 @@ def bench_mixed(name: str, key: str, shapes, numel: int, args) -> list[dict]:
     steps = [torch.zeros((), device="cuda") for _ in params]
 
     spd_step = functools.partial(
-        triton_adam_spd, params, grads, m, v, [], steps, anchors, amsgrad=False, beta1=0.9,
-        beta2=0.999, lr=1e-4, weight_decay=1.0, eps=1e-8, maximize=False, spd=True)
+        adam_spd, params, grads, m, v, [], steps, anchors, amsgrad=False, beta1=0.9,
+        beta2=0.999, lr=1e-4, weight_decay=1.0, eps=1e-8, maximize=False, spd=True, fused=True)
 
-    from spdecay import _triton
+    from spdecay.spd.backends import triton as _triton
 
     default = (_triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS)
     configs = [default] + ([(2048, 4, 4), (2048, 4, 8), (4096, 2, 8)] if args.sweep else [])
@@ -260,7 +256,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--skip-if", action="store_true", help="skip the slow per-tensor `if` baseline")
-    ap.add_argument("--decision-ablation", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also try other block/chunk/warp sizes")
     ap.add_argument("--mixed", action="store_true", help="also bf16 params with fp32 moments")
     ap.add_argument("--block", type=int, default=None, help="override the kernel block size")
@@ -270,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_step_time.py needs a CUDA device")
-    from spdecay import _triton
+    from spdecay.spd.backends import triton as _triton
 
     for attr, value in (("_BLOCK", args.block), ("_ITERS", args.chunk_iters), ("_NUM_WARPS", args.warps)):
         if value is not None:

@@ -314,7 +314,7 @@ def check_adam_spd_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
     import spdecay.spd.driver as D
 
     res: dict[str, Any] = {}
-    # multi-tensor path (the default)
+    # the default (the C kernel on CPU, on the local shards)
     model, opt, calls = run_fsdp2(adam_spd, rank, world)
     res["fsdp2"] = max_diff(full_params(model), ref[STEPS])
     res["fsdp2_collectives_per_step"] = calls
@@ -323,7 +323,10 @@ def check_adam_spd_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
     # single-tensor reference path
     model, opt, _ = run_fsdp2(lambda m: adam_spd(m, foreach=False), rank, world)
     res["fsdp2_single_tensor"] = max_diff(full_params(model), ref[STEPS])
-    # fused CPU kernel on the local shards (its sums go through the same reduction)
+    # torch multi-tensor path (its sums go through the same reduction)
+    model, _, _ = run_fsdp2(lambda m: adam_spd(m, foreach=True), rank, world)
+    res["fsdp2_multi_tensor"] = max_diff(full_params(model), ref[STEPS])
+    # fused CPU kernel on the local shards, asked for explicitly
     model, opt, _ = run_fsdp2(lambda m: adam_spd(m, fused=True), rank, world)
     res["fsdp2_fused"] = max_diff(full_params(model), ref[STEPS])
     res["fsdp2_fused_ranks_agree"] = _agree(opt.spd_stats().fired.tolist())
@@ -331,7 +334,7 @@ def check_adam_spd_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
     real_sliced = MT._walk_in_slices
     MT._walk_in_slices = lambda device: False
     try:
-        model, _, _ = run_fsdp2(adam_spd, rank, world, steps=5)
+        model, _, _ = run_fsdp2(lambda m: adam_spd(m, foreach=True), rank, world, steps=5)
         res["fsdp2_foreach_phase1"] = max_diff(full_params(model), ref[5])
     except Exception as e:  # recorded so that the report says what breaks
         res["fsdp2_foreach_phase1"] = f"{type(e).__name__}: {e}"[:300]
@@ -341,7 +344,7 @@ def check_adam_spd_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
     real = D.reduce_columns  # the driver reduces the sums of all groups of a step
     D.reduce_columns = lambda sums, sources: sums
     try:
-        model, opt, _ = run_fsdp2(adam_spd, rank, world)
+        model, opt, _ = run_fsdp2(adam_spd, rank, world)  # the default path, without reduction
         res["naive_fsdp2"] = max_diff(full_params(model), ref[STEPS])
         res["naive_fsdp2_ranks_agree"] = _agree(opt.spd_stats().fired.tolist())
     finally:

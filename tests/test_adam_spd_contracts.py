@@ -262,3 +262,50 @@ def test_anchor_argument_errors_name_the_problem():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AdamSPD(ps, anchor=[p.detach() for p in ps])  # a plain list with anchor tensors is fine
+
+
+# ------------------------------------------------------------------------ structure
+
+
+def test_the_package_has_no_import_cycle():
+    """Every import inside src/spdecay (function-level ones too) forms an acyclic graph."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "spdecay"
+    mods = {".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): f
+            for f in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for c in [node.module] + [f"{node.module}.{a.name}" for a in node.names]:
+                    if c in mods and c != m and not m.startswith(c + "."):
+                        graph[m].add(c)
+    state: dict[str, int] = {}
+
+    def visit(u: str, path: list[str]) -> None:
+        state[u] = 1
+        for v in graph[u]:
+            assert state.get(v) != 1, "import cycle: " + " -> ".join(path[path.index(v):] + [u, v])
+            if v not in state:
+                visit(v, path + [u])
+        state[u] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+
+
+def test_the_functional_form_returns_the_one_stats_type():
+    import spdecay
+
+    params = [p.detach() for p in make_params()]
+    grads = [g for g in grad_stream(SHAPES, 1)[0]]
+    zeros = [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros((), dtype=torch.float64) for _ in params]
+    stats = spdecay.adam_spd(params, grads, [z.clone() for z in zeros], [z.clone() for z in zeros],
+                             [], steps, [p.clone() for p in params], amsgrad=False, beta1=0.9,
+                             beta2=0.999, lr=0.1, weight_decay=1.0, eps=1e-8, maximize=False)
+    assert type(stats) is SPDStats and len(stats) == len(params)
+    assert spdecay.SPDStepStats is SPDStats  # the old name, kept as an alias

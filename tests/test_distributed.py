@@ -70,7 +70,8 @@ def _close(res: dict, *keys: str) -> None:
 
 
 def _check_trajectories(res: dict) -> None:
-    _close(res, "fsdp2", "fsdp2_single_tensor", "fsdp2_fused", "fsdp2_foreach_phase1",
+    _close(res, "fsdp2", "fsdp2_single_tensor", "fsdp2_multi_tensor", "fsdp2_fused",
+           "fsdp2_foreach_phase1",
            "addon_fsdp2", "addon_fsdp2_fused", "ddp", "addon_ddp")
     assert res["fsdp2_ranks_agree"] and res["addon_fsdp2_ranks_agree"]
     assert res["fsdp2_fused_ranks_agree"] and res["addon_fsdp2_fused_ranks_agree"]

@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow  # ~1.5 min; CI runs it (the default run selects every marker)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: test_cuda_triton runs compiled")
 def test_triton_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")

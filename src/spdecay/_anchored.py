@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from spdecay.spd.engines import check_params_unchanged, group_shapes
 from spdecay.spd.layout import FlatLayout, check_layout
+from spdecay.spd.plan import default_cpu_kernel
 from spdecay.spd.work import AdamHyper, TensorLists
 
 ANCHOR_MODES = ("init", "zero")
@@ -88,6 +89,9 @@ class AnchoredAdam(Optimizer):
         self._group_shapes: list[tuple] = []
         super().__init__(params, {**defaults, "anchor": anchor})
         self.register_load_state_dict_post_hook(_restore_state_dtypes)
+        if any(g["fused"] is None and not g["foreach"] and any(p.device.type == "cpu" for p in g["params"])
+               for g in self.param_groups):
+            default_cpu_kernel()  # build (or load) the CPU default's kernel now, not in a step
 
     # ------------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -251,8 +255,9 @@ class AnchoredAdam(Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            moments = dict(memory_format=torch.preserve_format,
-                           dtype=storage_dtype(p, group["state_dtype"]))
+            if "step" not in state or (group["amsgrad"] and "max_exp_avg_sq" not in state):
+                moments = dict(memory_format=torch.preserve_format,
+                               dtype=storage_dtype(p, group["state_dtype"]))
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, **moments)

@@ -37,9 +37,11 @@ class AdamSPD(AnchoredAdam):
             ``anchor_dtype`` and ``state_dtype``.
         lr, betas, eps, amsgrad, maximize: as in :class:`torch.optim.Adam`.
         weight_decay: the SPD strength ``lam`` (plain decoupled decay where ``spd=False``).
-        foreach: False: the readable single-tensor path; otherwise the multi-tensor path.
-        fused: CPU: a C kernel (compiled once on first use); CUDA: Triton kernels (the default
-            there when Triton is installed; always capturable in a CUDA graph).
+        foreach: False: the readable single-tensor path; True: the torch multi-tensor path.
+        fused: CPU: a C kernel (compiled once per machine, when the optimizer is built); CUDA:
+            Triton kernels (always capturable in a CUDA graph). The default (None, with
+            foreach=None) takes them where available (a C compiler; Triton installed) and the
+            multi-tensor path elsewhere.
         anchor: default anchor mode for all groups, or anchor tensors for a plain parameter list.
         anchor_dtype: store anchors in this floating dtype (``torch.bfloat16`` halves them).
         state_dtype: store the Adam moments in this floating dtype, e.g. ``torch.float32`` for

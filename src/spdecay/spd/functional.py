@@ -55,17 +55,20 @@ def step_groups(groups: list[GroupStep], owner: str = "AdamSPD",
         [None] * len(g.lists) if g.hyper.spd else None for g in groups  # type: ignore[list-item]
     ]
     for (k, idx, part), dec in zip(runs, decisions):
-        lists = groups[k].lists
-        first_of = {}  # input column of the part -> (param index in the group)
-        col = 0
+        lists, result = groups[k].lists, out[k]
+        columns = part.columns if part.columns is not None else range(part.sums.shape[1])
+        if not lists.has_layouts():  # one column per parameter: column c is idx[c]
+            for j, c in enumerate(columns):
+                result[idx[c]] = (dec, j, 1)  # type: ignore[index]
+            continue
+        first_of, col = {}, 0  # input column of the part -> parameter index in the group
         for i in idx:
             first_of[col] = i
             col += lists.width(i)
-        columns = part.columns if part.columns is not None else range(part.sums.shape[1])
         for j, c in enumerate(columns):
             i = first_of.get(c)
             if i is not None:
-                out[k][i] = (dec, j, lists.width(i))  # type: ignore[index]
+                result[i] = (dec, j, lists.width(i))  # type: ignore[index]
     return out
 
 

@@ -2,7 +2,9 @@
 
 * ``fused=True``: CPU tensors the C kernel covers go to it, CUDA tensors to Triton; the rest of
   the group to the multi-tensor backend (in the same step);
-* default (``fused=None``) on CUDA with Triton installed: Triton, the rest multi-tensor;
+* default (``fused=None``, ``foreach=None``): the same where the C kernel is available (a C
+  compiler was found; built when the optimizer is constructed) and, on CUDA, Triton installed;
+  otherwise the multi-tensor backend;
 * ``foreach=False``: the readable reference backend;
 * otherwise: the multi-tensor backend.
 
@@ -47,6 +49,11 @@ def preflight(devices: set[str], *, fused: bool | None, owner: str) -> None:
         raise RuntimeError(f"{owner}(fused=True) on CUDA needs Triton: pip install triton")
 
 
+def default_cpu_kernel() -> bool:
+    """Whether the CPU default is the C kernel (builds or loads it on the first call)."""
+    return _cpu().available()
+
+
 def plan(lists: TensorLists, *, foreach: bool | None, fused: bool | None,
          spd: bool) -> list[tuple[ModuleType, list[int]]]:
     """(backend module, indices) pairs covering every tensor of ``lists`` once."""
@@ -54,7 +61,9 @@ def plan(lists: TensorLists, *, foreach: bool | None, fused: bool | None,
     if foreach is False and not fused:
         return [(reference, list(range(n)))]
     cuda = [p.is_cuda for p in lists.params]
-    use_triton = fused or (fused is None and not foreach and any(cuda) and _triton().HAS_TRITON)
+    default = fused is None and not foreach
+    use_triton = fused or (default and any(cuda) and _triton().HAS_TRITON)
+    use_cpu = fused or (default and not all(cuda) and default_cpu_kernel())
     chosen: dict[ModuleType, list[int]] = {}
     rest = reference if foreach is False else multi_tensor
     for i in range(n):
@@ -62,7 +71,7 @@ def plan(lists: TensorLists, *, foreach: bool | None, fused: bool | None,
         if cuda[i]:
             if use_triton and _triton().covers(lists, i, spd):
                 backend = _triton()
-        elif fused and lists.params[i].device.type == "cpu" and _cpu().covers(lists, i, spd):
+        elif use_cpu and lists.params[i].device.type == "cpu" and _cpu().covers(lists, i, spd):
             backend = _cpu()
         chosen.setdefault(backend, []).append(i)
     return list(chosen.items())

@@ -57,6 +57,18 @@ class TensorLists:
         return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
                 self.steps, self.anchors, self.layouts)
 
+    def has_layouts(self) -> bool:
+        return any(x is not None for x in self.layouts)
+
+    def input_columns(self, idx: list[int]) -> list[int]:
+        """The input columns of parameters ``idx`` (in that order)."""
+        if not self.has_layouts():
+            return list(idx)
+        base = [0]
+        for i in range(len(self)):
+            base.append(base[-1] + self.width(i))
+        return [base[i] + k for i in idx for k in range(self.width(i))]
+
     def width(self, i: int) -> int:
         """Columns (decisions) of parameter ``i``: one, or a layout's logical tensors."""
         layout = self.layouts[i]
@@ -64,6 +76,8 @@ class TensorLists:
 
     def sources(self) -> list:
         """Per column: the parameter, or the layout whose process group reduces it."""
+        if not self.has_layouts():
+            return list(self.params)
         out: list = []
         for p, layout in zip(self.params, self.layouts):
             out += [p] if layout is None else [layout] * layout.num_logical

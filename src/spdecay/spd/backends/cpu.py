@@ -1,4 +1,7 @@
-"""Fused CPU AdamSPD (``fused=True`` on CPU): a C kernel compiled once on first use.
+"""The C kernel backend: AdamSPD's CPU default (and ``fused=True`` on CPU).
+
+The kernel is compiled once per machine (cached on disk) when an optimizer is built; where no
+C compiler exists the CPU default falls back to the multi-tensor backend (``fused=True`` raises).
 
 Phase 1 reads ``g, m, v, p, p0`` and writes ``m, v, p`` once per element while it accumulates
 the three per-tensor sums; phase 2 rewrites only the tensors whose condition fired. That is the
@@ -132,6 +135,17 @@ def library() -> ctypes.CDLL:
             fn.argtypes = [ctypes.POINTER(_SpdCall)]
             fn.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel can be built or loaded here (the CPU default uses it, else torch ops);
+    the answer is kept for the process, so a missing compiler is tried once."""
+    try:
+        library()
+    except (RuntimeError, OSError):
+        return False
+    return True
 
 
 def _anchor_kind(p_dtype: torch.dtype, anchor: Tensor | None) -> int | None:
@@ -280,9 +294,6 @@ def adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
     """Phase 1 in C (tensors that :func:`covers` accepts), one call per dtype and anchor kind."""
     library()  # build (or load) first: a missing compiler is reported before any state changes
     sums, projectors, sources, columns = [], [], [], []
-    base = [0]
-    for i in range(len(lists)):
-        base.append(base[-1] + lists.width(i))
     for idx in _partitions(lists, h.spd):
         part = lists.pick(idx)
         call = _Call(part.params, part.anchors, h.spd, part.layouts)
@@ -307,7 +318,7 @@ def adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
             sums.append(call.items.to_columns(item_sums))
             projectors.append(call)
             sources += part.sources()
-            columns += [base[i] + k for i in idx for k in range(lists.width(i))]
+            columns += lists.input_columns(idx)
     if not h.spd:
         return None
     device = lists.params[0].device

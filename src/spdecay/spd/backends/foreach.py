@@ -59,11 +59,13 @@ def _flat_ok(ts: list[Tensor | None]) -> bool:
 
 
 def _gatherable(lists: TensorLists, i: int) -> bool:
-    p = lists.params[i]
-    return (lists.layouts[i] is None and not is_dtensor(p) and not p.is_complex()
-            and p.numel() <= _SMALL_NUMEL
-            and _flat_ok([p, lists.grads[i], lists.exp_avgs[i], lists.exp_avg_sqs[i],
-                          lists.max_exp_avg_sqs[i], lists.anchors[i]]))
+    # Written back through flat views: p and the moments must be contiguous (gradients and
+    # anchors are only read, in logical order, by the gather).
+    p, vmax = lists.params[i], lists.max_exp_avg_sqs[i]
+    return (p.numel() <= _SMALL_NUMEL and lists.layouts[i] is None and p.is_contiguous()
+            and lists.exp_avgs[i].is_contiguous() and lists.exp_avg_sqs[i].is_contiguous()
+            and (vmax is None or vmax.is_contiguous()) and not p.is_complex()
+            and not is_dtensor(p))
 
 
 def _partitions(lists: TensorLists, spd: bool) -> list[tuple[list[int], bool]]:
@@ -79,9 +81,6 @@ def _partitions(lists: TensorLists, spd: bool) -> list[tuple[list[int], bool]]:
 
 def adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
     sums, projectors, sources, columns = [], [], [], []
-    base = [0]
-    for i in range(len(lists)):
-        base.append(base[-1] + lists.width(i))
     for idx, small in _partitions(lists, h.spd):
         part = lists.pick(idx)
         run = _Partition(part, h, small)
@@ -89,7 +88,7 @@ def adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
             sums.append(run.sums)
             projectors.append(run)
             sources += part.sources()
-            columns += [base[i] + k for i in idx for k in range(lists.width(i))]
+            columns += lists.input_columns(idx)
     if not h.spd:
         return None
     return PartialStep(torch.cat(sums, dim=1), _Projectors(projectors), sources, 0.0, columns)
@@ -119,9 +118,10 @@ class _Partition:
         # denom = sqrt(v) / (bc2_sqrt * -step_size) + eps / -step_size, so p += m / denom
         scale, shift = bc2_sqrt * neg_step_size, h.eps / neg_step_size
         anchors = lists.anchors if h.spd else [None] * n
-        self.local = [local_real(list(row)) for row in zip(
-            lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.max_exp_avg_sqs,
-            anchors)]
+        rows = zip(lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs,
+                   lists.max_exp_avg_sqs, anchors)
+        # gathered tensors are local, real and contiguous by construction
+        self.local = [list(r) for r in rows] if small else [local_real(list(r)) for r in rows]
         self.gathered = None
         if small:
             pieces = [self._gather(scale, shift)]
