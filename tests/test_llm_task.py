@@ -123,6 +123,7 @@ def test_wise_ft_scores_the_half_way_merged_weights_and_restores_the_model(tiny_
 
     task = task_for(tiny_world)
     model = with_lora(task.base, 4, seed=1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -130,7 +131,9 @@ def test_wise_ft_scores_the_half_way_merged_weights_and_restores_the_model(tiny_
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     fake = {"run_id": "adamw-seed0-wd0.01-lr0.001", "seed": 0, "hparams": {"weight_decay": 0.01, "lr": 1e-3},
             "steps": 2, "batch_size": 4, "wall_time_s": 1.0}
-    record = llm_task.wise_ft_record(fake, model, task)
+    record = llm_task.wise_ft_record(fake, model, task, start)
+    full = llm_task.adapter_deviation(model, start)["deviation"]["weight_change"]
+    assert math.isclose(record["deviation"]["weight_change"], 0.5 * full, rel_tol=1e-9)  # half of s B A
     assert record["optimizer"] == "wise_ft" and record["run_id"] == "wise_ft-seed0-wd0.01-lr0.001"
     assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())  # restored
     # Independent expectation: merge W0 + 0.5 * s * B A into a copy of the base model.

@@ -182,12 +182,14 @@ def write_llm_report(out: Path, config: CompareConfig, records: list[dict], *, l
     section (forgetting) after its comparison; a complete llm-only report if the common one
     cannot take these records."""
     best = select_llm(records)
-    timing = f"\n\nWall time of this invocation: {total_s / 60:.1f} min." if total_s else ""
-    section = llm_section(best) + timing
+    timing = f"\nWall time of this invocation: {total_s / 60:.1f} min.\n" if total_s else ""
+    section = llm_section(best) + timing + "\n"
+    # The common report reads steps and schedule off its first trained record: trained runs first.
+    common = sorted(records, key=lambda r: r["optimizer"] in ("pretrained", "probe", "wise_ft"))
     try:
         from spdecay.experiments.report import write_report
 
-        write_report(out, config, records, data_notes=notes, statement=statement(config))
+        write_report(out, config, common, data_notes=notes, statement=statement(config))
         base = (out / "report.md").read_text()
         marker = "## Paired differences"
         at = base.find(marker)
@@ -204,7 +206,7 @@ def write_llm_report(out: Path, config: CompareConfig, records: list[dict], *, l
     try:
         from spdecay.experiments.plots import write_plots
 
-        write_plots(out, records)
+        write_plots(out, common)
     except Exception as exc:  # noqa: BLE001 - plots are optional (matplotlib may be missing)
         log(f"plots skipped: {type(exc).__name__}: {exc}")
     atomic_write_text(out / "report.md", text)

@@ -316,8 +316,9 @@ def _progress(desc: str, total: int, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
-def train_llm_run(run: LLMRun, task: LLMTask, steps: int, progress: bool) -> tuple[dict, nn.Module]:
-    """Train one LoRA run; returns its record (without the retention fields) and the model."""
+def train_llm_run(run: LLMRun, task: LLMTask, steps: int, progress: bool) -> tuple[dict, nn.Module, dict]:
+    """Train one LoRA run; returns its record (without the retention fields), the model and the
+    adapters' initial values."""
     from spdecay.experiments.llm_model import with_lora
 
     d, data = task.d, task.data
@@ -373,11 +374,12 @@ def train_llm_run(run: LLMRun, task: LLMTask, steps: int, progress: bool) -> tup
         batch_size=d.batch_size, train_loss=loss_sum / steps, train_accuracy=acc_sum / steps,
         train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
     )
-    return record, model
+    return record, model, start
 
 
 @torch.no_grad()
-def wise_ft_record(adamw_record: dict, model: nn.Module, task: LLMTask, alpha: float = WISE_ALPHA) -> dict:
+def wise_ft_record(adamw_record: dict, model: nn.Module, task: LLMTask, start: dict | None = None,
+                   alpha: float = WISE_ALPHA) -> dict:
     """WiSE-FT of a LoRA run in merged-weight space: (1 - a) W0 + a (W0 + s B A) = W0 + s (a B) A,
     i.e. the package's ``interpolate`` of each lora_B with its pre-trained value, zero."""
     from spdecay import interpolate
@@ -390,9 +392,9 @@ def wise_ft_record(adamw_record: dict, model: nn.Module, task: LLMTask, alpha: f
     for n, v in mixed.items():
         params[n].copy_(v)
     record, _ = task.evaluate_all(model)
+    record.update(adapter_deviation(model, start) if start is not None else _no_deviation())
     for n, v in original.items():  # leave the AdamW model as it was
         params[n].copy_(v)
-    record.update(_no_deviation())
     record.update(
         run_id=adamw_record["run_id"].replace("adamw-", "wise_ft-", 1), optimizer="wise_ft",
         seed=adamw_record["seed"], hparams=dict(adamw_record["hparams"]), steps=adamw_record["steps"],
@@ -544,7 +546,7 @@ def run_llm_compare(
                                                          and r.run_id.replace("adamw-", "wise_ft-", 1) not in done)]
     times: list[float] = []
     for i, run in enumerate(todo, 1):
-        rec, model = train_llm_run(run, task, steps, progress)
+        rec, model, start = train_llm_run(run, task, steps, progress)
         add_retention(rec, before)
         if run.run_id not in done:
             save(rec)
@@ -555,7 +557,7 @@ def run_llm_compare(
             f"{rec['ood'][RETENTION_SET]['balanced_accuracy']:.3f} (forgetting {rec['retention'][RETENTION_SET]['forgetting']:+.3f}; "
             f"{rec['wall_time_s']:.0f} s, about {left / 60:.0f} min left)")
         if want_wise and run.optimizer == "adamw":
-            wise = wise_ft_record(rec, model, task)
+            wise = wise_ft_record(rec, model, task, start)
             add_retention(wise, before)
             save(wise)
             log(f"    wise_ft (alpha {WISE_ALPHA}): test {wise['test']['balanced_accuracy']:.3f} tweets "
