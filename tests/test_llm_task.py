@@ -186,3 +186,18 @@ def test_real_smollm2_loads_from_cache_and_reads_sentiment_zero_shot(tmp_path):
     assert scores.argmax(-1).tolist() == [1, 0, 1, 0]
     _, _, again = llm_model.load_causal_lm(path, log=lambda s: None)
     assert again.from_cache and again.cache == info.cache
+
+
+def test_common_runner_and_cli_dispatch_the_llm_task(tiny_world, tmp_path):
+    from spdecay.cli import main
+
+    out = tmp_path / "cli"
+    # the tiny tokenizer needs longer prompts than SmolLM2's
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--task", "llm", "--quick", "--steps", "1", "--max-length", "160", "--out", str(out),
+              "--no-progress"])
+    assert exit_info.value.code in (0, None)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["optimizer"] for r in records} == {"pretrained", "probe", "adamw", "wise_ft", "l2sp", "adamspd"}
+    assert json.loads((out / "config.json").read_text())["task"] == "llm"
+    assert (out / "report.md").is_file() and (out / "id_vs_ood.png").is_file()

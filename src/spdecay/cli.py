@@ -55,7 +55,7 @@ def build_app() -> Any:
     @app.command()
     def compare(
         ctx: typer.Context,
-        task: Annotated[str | None, typer.Option(help="sentiment (default; MiniLM on Rotten Tomatoes -> tweets), digits (EfficientNet-Lite0 on MNIST -> sklearn digits + corruptions) or custom (needs --model/--train; implied by --model).")] = None,
+        task: Annotated[str | None, typer.Option(help="sentiment (default; MiniLM on Rotten Tomatoes -> tweets), digits (EfficientNet-Lite0 on MNIST -> sklearn digits + corruptions), llm (LoRA on SmolLM2-135M-Instruct: Rotten Tomatoes -> tweets, BBC News zero-shot forgetting) or custom (needs --model/--train; implied by --model).")] = None,
         preset: Annotated[str | None, typer.Option(help="default (a first look: 1 epoch, linear decay to zero), quick (smoke test, under 2 minutes) or evidence (~500 examples x 8 epochs at lr 3e-4, warm-up + cosine to a floor, 3 strengths per method, 3 seeds).")] = None,
         optimizers: Annotated[str | None, typer.Option(help="Comma-separated methods: adamw, l2sp, adamspd, sgdspd (SGD + the SPD add-on), and the reference rows probe (frozen features, head only), wise_ft (AdamW interpolated with the pre-trained weights, alpha 0.5), lpft (linear probe then fine-tune). Default: adamw,l2sp,adamspd,probe,wise_ft (the same for --preset evidence; add lpft for LP-FT).")] = None,
         lr: Annotated[str | None, typer.Option(help="Learning rate for all methods (1e-4) or per method (adamw=1e-4,sgdspd=0.02). Default: the preset's.")] = None,

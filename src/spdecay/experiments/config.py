@@ -20,7 +20,7 @@ EVIDENCE_OPTIMIZERS = ("adamw", "l2sp", "adamspd", "probe", "wise_ft")
 PRESETS = ("default", "quick", "evidence")
 SCHEDULES = ("linear", "cosine", "constant")
 # Registered tasks; a new task adds its name here and its defaults/builder in tasks.py.
-TASKS = ["sentiment", "digits", "custom"]
+TASKS = ["sentiment", "digits", "custom", "llm"]
 
 
 @dataclass

@@ -109,6 +109,10 @@ def run_compare(
 ) -> Path:
     """Run (or continue) a comparison; returns the output folder."""
     config, out = prepare_out_dir(config, out, resume)
+    if config.task == "llm":  # LoRA instruction tuning with label-word scoring: its own loop
+        from spdecay.experiments.llm_task import run_llm_compare
+
+        return run_llm_compare(config, out, progress=progress, threads=threads, prepared=True, log=log)
     d = task_defaults(config)
     specs = plan(config, d.grids, default_lrs(d))
     device = resolve_device(config.device)
@@ -210,11 +214,13 @@ def run_compare(
     return out
 
 
-def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
+def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+               keep: Callable[[dict], bool] | None = None) -> Path:
     """Combine runs of one study split over processes (different ``--first-seed`` or
     ``--optimizers`` subsets) into ``out``: one config, one results file, one report with paired
-    statistics. The folders' configurations must agree on everything but the seeds and the
-    methods; a run present in several folders (the same deterministic run) is kept once."""
+    statistics. The folders' configurations must agree on everything but the seeds, the methods
+    and the grids (``--sweep`` subsets of one study's grid); a run present in several folders
+    (the same deterministic run) is kept once. ``keep(record)`` filters the records."""
     import dataclasses
 
     from spdecay.experiments.config import OPTIMIZERS
@@ -224,7 +230,9 @@ def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lamb
         raise RunnerError("merge_runs: no folders given")
 
     def settings(c: CompareConfig) -> dict:
-        return {k: v for k, v in dataclasses.asdict(c).items() if k not in ("seeds", "first_seed", "optimizers")}
+        # Seeds, methods and grid subsets may differ; records carry their own hyper-parameters.
+        return {k: v for k, v in dataclasses.asdict(c).items()
+                if k not in ("seeds", "first_seed", "optimizers", "sweep")}
 
     for folder, c in zip(folders, configs):
         if settings(c) != settings(configs[0]):
@@ -233,7 +241,7 @@ def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lamb
     seen: set[str] = set()
     for folder in folders:
         for r in read_records(Path(folder) / "results.jsonl"):
-            if r["run_id"] not in seen:
+            if r["run_id"] not in seen and (keep is None or keep(r)):
                 seen.add(r["run_id"])
                 records.append(r)
     methods = {n for c in configs for n in c.optimizers}
