@@ -112,3 +112,31 @@ def test_plots_include_the_paired_differences(tmp_path):
     assert tmp_path / "paired_differences.png" in paths
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_runs_combines_a_study_split_over_processes(tmp_path):
+    from spdecay.experiments import merge_runs
+    from spdecay.experiments.results_io import read_records, write_records
+
+    records = _study()
+    parts = {"a": [r for r in records if r["seed"] == 0], "b": [r for r in records if r["seed"] > 0]}
+    for name, recs in parts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        first = min(r["seed"] for r in recs)
+        seeds = len({r["seed"] for r in recs})
+        config = CompareConfig(preset="evidence", optimizers=["adamw", "adamspd"], first_seed=first, seeds=seeds)
+        (folder / "config.json").write_text(config.to_json())
+        write_records(folder, recs + parts["a"][:1] if name == "b" else recs)  # one run in both: kept once
+    out = merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    merged = read_records(out / "results.jsonl")
+    assert sorted(r["run_id"] for r in merged) == sorted(r["run_id"] for r in records)
+    assert CompareConfig.load(out / "config.json").seeds == 3
+    assert "| adamspd | OOD tweets | +5.7 |" in (out / "report.md").read_text()
+    other = tmp_path / "c"
+    other.mkdir()
+    (other / "config.json").write_text(CompareConfig(preset="quick").to_json())
+    from spdecay.experiments.errors import RunnerError
+
+    with pytest.raises(RunnerError, match="other settings"):
+        merge_runs([tmp_path / "a", other], tmp_path / "bad")

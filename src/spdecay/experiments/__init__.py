@@ -22,9 +22,9 @@ def run_compare(config: CompareConfig, out: Path | None = None, **kwargs: Any) -
     return _run(config, out, **kwargs)
 
 
-def merge_runs(folders: list[Path], out: Path) -> Path:
+def merge_runs(folders: list[Path], out: Path, **kwargs: Any) -> Path:
     """Combine runs of one study made with different ``--first-seed``; see
     :func:`spdecay.experiments.runner.merge_runs`."""
     from spdecay.experiments.runner import merge_runs as _merge
 
-    return _merge([Path(f) for f in folders], Path(out))
+    return _merge([Path(f) for f in folders], Path(out), **kwargs)
