@@ -9,14 +9,15 @@ from spdecay import AdamSPD
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+@pytest.mark.parametrize("kw", [{}, {"foreach": True}], ids=["default", "multi-tensor"])
+def test_compiled_step_matches_eager(kw):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    shapes = [(5,), (4, 3), (70, 70)]  # both the flat (small) and the sliced (large) layout
+    shapes = [(5,), (4, 3), (70, 70)]  # multi-tensor: the gathered (small) and sliced (large) pieces
     eager = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
     compiled = [p.detach().clone().requires_grad_() for p in eager]
-    opt_eager = AdamSPD(eager, lr=0.05)
-    opt_compiled = AdamSPD(compiled, lr=0.05)
+    opt_eager = AdamSPD(eager, lr=0.05, **kw)
+    opt_compiled = AdamSPD(compiled, lr=0.05, **kw)
     step = torch.compile(opt_compiled.step)
     fired = []
     for t in range(6):

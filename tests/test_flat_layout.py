@@ -228,3 +228,16 @@ def test_parameters_flattened_behind_the_optimizer_raise_before_any_change():
         base.step()
     spd.set_flat_layout(flat, layout)
     base.step()
+
+
+def test_groups_added_after_construction_are_not_mistaken_for_flattened_ones():
+    a, b = make(), make(seed=1)
+    base = torch.optim.SGD([t.requires_grad_() for t in a], lr=0.1)
+    SelectiveProjectionDecay(base)
+    base.add_param_group({"params": [t.requires_grad_() for t in b]})
+    for t in a + b:
+        t.grad = torch.ones_like(t)
+    base.step()  # no error: the new group is the user's, not an engine's
+    opt = AdamSPD([a[0]], lr=0.1)
+    opt.add_param_group({"params": [b[0]]})
+    opt.step()

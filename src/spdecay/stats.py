@@ -99,7 +99,8 @@ class SPDStats:
                 if layout is None:
                     out_names.append(name)
                 else:
-                    out_names.append(layout.names[k] if layout.names else f"{name}[{k}]")
+                    given = layout.names[k] if layout.names else None
+                    out_names.append(given or f"{name}[{k}]")
                 fired.append(dec.fired[start + k])
                 ratio.append(dec.ratio[start + k])
                 deviation.append(dec.deviation[start + k])

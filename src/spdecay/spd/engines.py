@@ -29,13 +29,16 @@ def check_params_unchanged(
     """Raise RuntimeError (before any state changes) where a group's parameters no longer match
     the shapes recorded at construction and a parameter has neither a layout nor a DTensor."""
     for g, group in enumerate(groups):
-        if g < len(recorded) and group_shapes(group) == recorded[g]:
+        if g >= len(recorded):  # added after construction (add_param_group): the user's own
+            recorded.append(group_shapes(group))
+            continue
+        if group_shapes(group) == recorded[g]:
             continue
         for p in group["params"]:
             if p not in layouts and not is_dtensor(p):
                 raise RuntimeError(
                     f"{owner}: the parameters of param group {g} were replaced after the optimizer "
-                    f"was built ({len(recorded[g]) if g < len(recorded) else '?'} tensors then, "
+                    f"was built ({len(recorded[g])} tensors then, "
                     f"{len(group['params'])} of shapes {[tuple(q.shape) for q in group['params']][:4]}"
                     " now). SPD decides per layer, so it cannot step flat buffers of several layers: "
                     "DeepSpeed ZeRO flattens parameters into one partition per group; call "

@@ -57,19 +57,8 @@ _ITERS = 4  # inner iterations per program: a chunk is _BLOCK * _ITERS elements
 _NUM_WARPS = 4
 _REDUCE_BLOCK = 128
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_DEFAULT_DTYPES = {*_SUPPORTED_DTYPES, torch.complex64, torch.complex128}
 # Triton's CPU interpreter has no libdevice: beta**t goes through exp2 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def supports(params: list[Tensor]) -> bool:
-    """True when the Triton path can take these parameters (the default choice on CUDA)."""
-    return (
-        HAS_TRITON
-        and bool(params)
-        and all(map(attrgetter("is_cuda"), params))
-        and set(map(attrgetter("dtype"), params)) <= _DEFAULT_DTYPES
-    )
 
 
 def covers(lists: TensorLists, i: int, spd: bool) -> bool:
