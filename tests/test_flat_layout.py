@@ -241,3 +241,21 @@ def test_groups_added_after_construction_are_not_mistaken_for_flattened_ones():
     opt = AdamSPD([a[0]], lr=0.1)
     opt.add_param_group({"params": [b[0]]})
     opt.step()
+
+
+def test_a_copy_of_an_optimizer_with_layouts_keeps_them():
+    import copy
+
+    layout, numel = build_layout()
+    flat = flatten(make(), torch.Generator().manual_seed(2)).requires_grad_()
+    opt = AdamSPD([flat], lr=0.05)
+    opt.set_flat_layout(flat, layout)
+    clone = copy.deepcopy(opt)
+    twin = clone.param_groups[0]["params"][0]
+    for grads in grad_stream(4):
+        g = flatten(grads, torch.Generator().manual_seed(3))
+        flat.grad, twin.grad = g.clone(), g.clone()
+        opt.step()
+        clone.step()
+    assert len(clone.spd_stats()) == len(SHAPES)
+    torch.testing.assert_close(twin.detach(), flat.detach(), rtol=0, atol=0)

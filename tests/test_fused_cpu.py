@@ -161,3 +161,20 @@ def test_kernel_is_cached_on_disk(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1
     finally:
         FC.library.cache_clear()
+
+
+def test_l2sp_decoupled_pull_waits_for_the_checks(monkeypatch, tmp_path):
+    """A step that cannot run (here: no compiler for fused=True) changes nothing, not even the
+    decoupled pull towards the anchor that precedes the Adam update."""
+    monkeypatch.setenv("CC", "no-such-compiler-spdecay")
+    monkeypatch.setenv("SPDECAY_CACHE_DIR", str(tmp_path))
+    FC.library.cache_clear()
+    try:
+        p = torch.ones(3, requires_grad=True)
+        opt = AdamL2SP([p], lr=0.1, weight_decay=0.5, decoupled=True, anchor="zero", fused=True)
+        p.grad = torch.ones(3)
+        with pytest.raises(RuntimeError, match="needs a C compiler"):
+            opt.step()
+        assert torch.equal(p.detach(), torch.ones(3))
+    finally:
+        FC.library.cache_clear()

@@ -154,6 +154,12 @@ class AnchoredAdam(Optimizer):
             raise ValueError(f"{self._owner}.set_flat_layout: the tensor is not in any param group")
         self._layouts[param] = check_layout(param, layout)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies keep their layouts and the recorded shapes: a copy that lost them would step
+        # flat partitions as single tensors.
+        return {**super().__getstate__(), "_layouts": self._layouts,
+                "_group_shapes": self._group_shapes}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_spd_last", {})

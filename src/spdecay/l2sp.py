@@ -24,7 +24,7 @@ from torch import Tensor
 from spdecay._anchored import AnchoredAdam
 from spdecay.spd.backends.numerics import local_real
 from spdecay.spd.decision import project_
-from spdecay.spd.functional import GroupStep, step_groups
+from spdecay.spd.functional import GroupStep, step_groups, validate
 from spdecay.spd.work import TensorLists
 
 __all__ = ["AdamL2SP"]
@@ -88,25 +88,25 @@ class AdamL2SP(AnchoredAdam):
             with torch.enable_grad():
                 loss = closure()
         self._check_step()
+        todo = [(group, lists) for group in self.param_groups
+                if len(lists := self._gather(group))]
         steps = []
-        for group in self.param_groups:
-            lists = self._gather(group)
-            if not len(lists):
-                continue
-            lam, maximize = group["weight_decay"], group["maximize"]
-            decay = lam  # spd=False groups: plain AdamW decay in the shared Adam backends
-            if group["spd"]:
-                decay = 0.0
-                if lam != 0 and group["decoupled"]:
+        for group, lists in todo:
+            decay = 0.0 if group["spd"] else group["weight_decay"]  # spd=False: plain AdamW
+            hyper = self._hyper(group, spd=False, weight_decay=decay)
+            steps.append(GroupStep(lists, hyper, 0.0, group["foreach"], group["fused"]))
+        validate(steps, self._owner)  # before the regulariser changes anything
+        for (group, lists), step in zip(todo, steps):
+            lam = group["weight_decay"]
+            if group["spd"] and lam != 0:
+                if group["decoupled"]:
                     _pull_towards_anchor(lists, group["lr"] * lam)
-                elif lam != 0:
+                else:
                     # Classic L2-SP: the penalty's gradient joins the (minimisation) gradient
                     # before the moments, as torch's Adam adds weight_decay * p.
-                    lists.grads = _penalised_grads(lists, lam, maximize)
-                    maximize = False
+                    lists.grads = _penalised_grads(lists, lam, group["maximize"])
+                    step.hyper = self._hyper(group, spd=False, weight_decay=0.0, maximize=False)
             lists.anchors = [None] * len(lists)
-            hyper = self._hyper(group, spd=False, weight_decay=decay, maximize=maximize)
-            steps.append(GroupStep(lists, hyper, 0.0, group["foreach"], group["fused"]))
         step_groups(steps, self._owner)
         return loss
 
