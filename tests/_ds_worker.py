@@ -161,13 +161,20 @@ def config(world: int, stage: int, **zero: Any) -> dict[str, Any]:
     }
 
 
-def engine_for(world: int, stage: int, make_opt: Callable, seed: int = 0, **zero: Any):
+def engine_for(world: int, stage: int, make_opt: Callable, seed: int = 0,
+               top: dict[str, Any] | None = None, **zero: Any):
+    """An engine; ``top``: extra top-level config keys, ``zero``: extra zero_optimization keys."""
     import deepspeed
 
     model = make_model(seed)
     opt, addon = make_opt(model)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config(world, stage, **zero))
+    cfg = {**config(world, stage, **zero), **(top or {})}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine, opt, addon
+
+
+def plain_adamw(model: nn.Module) -> tuple[torch.optim.Optimizer, None]:
+    return torch.optim.AdamW(model.parameters(), lr=LR), None
 
 
 def train(engine: Any, steps: range, rank: int, world: int, on_step: Callable | None = None) -> None:
@@ -235,10 +242,11 @@ def check_refused(rank: int, world: int, stage: int, make_opt: Callable) -> dict
     return {"error": None}
 
 
-def check_attach_refused(world: int, stage: int, make_opt: Callable, **zero: Any) -> str | None:
+def check_attach_refused(world: int, stage: int, make_opt: Callable,
+                         top: dict[str, Any] | None = None, **zero: Any) -> str | None:
     from spdecay.integrations.deepspeed import attach
 
-    engine, _, _ = engine_for(world, stage, make_opt, **zero)
+    engine, _, _ = engine_for(world, stage, make_opt, top=top, **zero)
     try:
         attach(engine)
     except Exception as e:  # noqa: BLE001
@@ -275,6 +283,11 @@ def run_all(rank: int, world: int, out: Path) -> dict[str, Any]:
             offload_optimizer={"device": "cpu"})
     guarded("attach_offload_s3", check_attach_refused, world, 3, adam_spd,
             offload_optimizer={"device": "cpu"})
+    guarded("attach_param_offload_s3", check_attach_refused, world, 3, adam_spd,
+            offload_param={"device": "cpu"})
+    guarded("attach_bf16_no_zero", check_attach_refused, world, 0, adam_spd,
+            top={"bf16": {"enabled": True}})
+    guarded("attach_without_spd", check_attach_refused, world, 2, plain_adamw)
     return res
 
 

@@ -96,7 +96,13 @@ def test_deepspeed_checkpoint_resumes_exactly(res, key):
     assert r["resume"] < TOL, f"resumed run {r['resume']:.3g} from the uninterrupted one"
 
 
-@pytest.mark.parametrize("key", ["attach_offload", "attach_offload_s3"])
-def test_attach_refuses_offload(res, key):
-    assert res[key] is not None and res[key].startswith("NotImplementedError"), res[key]
-    assert "offload" in res[key]
+@pytest.mark.parametrize("key, error, words", [
+    ("attach_offload", "NotImplementedError", "optimizer offload"),
+    ("attach_offload_s3", "NotImplementedError", "optimizer offload"),
+    ("attach_param_offload_s3", "NotImplementedError", "parameter offload"),
+    ("attach_bf16_no_zero", "NotImplementedError", "DeepSpeed wraps the optimizer in"),
+    ("attach_without_spd", "TypeError", "expected spdecay.AdamSPD"),
+])
+def test_attach_refuses_what_it_does_not_map(res, key, error, words):
+    assert res[key] is not None and res[key].startswith(error), res[key]
+    assert words in res[key], res[key]

@@ -53,12 +53,16 @@ def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
     if kind == "DeepSpeedZeroOptimizer_Stage3":
         return _attach_zero3(wrapper, _spd_target(client, addon, required=True))
     if kind != "DeepSpeedZeroOptimizer":
-        if _spd_target(wrapper, addon, required=False) is not None:
-            return []  # the client optimizer itself: DeepSpeed did not flatten anything
+        import torch
+
+        if isinstance(wrapper, torch.optim.Optimizer):  # the client optimizer itself (fp32, no
+            _spd_target(wrapper, addon, required=True)  # ZeRO): DeepSpeed flattened nothing
+            return []
         raise NotImplementedError(
-            f"spdecay.integrations.deepspeed.attach: DeepSpeed wraps the optimizer in {kind}, "
-            "which flattens parameters in a layout spdecay does not map. Supported: ZeRO stages "
-            "1, 2 and 3 (\"zero_optimization\": {\"stage\": 1, 2 or 3}), or no ZeRO with fp32."
+            f"spdecay.integrations.deepspeed.attach: DeepSpeed wraps the optimizer in {kind} "
+            "(e.g. its bf16/fp16 wrapper without ZeRO), which spdecay does not support. Use ZeRO "
+            "stage 1, 2 or 3 (\"zero_optimization\": {\"stage\": 2}; bf16/fp16 work there), or "
+            "fp32 without ZeRO."
         )
     for flag, what in (("cpu_offload", "optimizer offload (offload_optimizer)"),
                        ("zenflow", "ZenFlow"), ("has_moe_layers", "MoE expert groups")):
