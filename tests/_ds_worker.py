@@ -276,6 +276,7 @@ def run_all(rank: int, world: int, out: Path) -> dict[str, Any]:
                 ref_addon, ckpt=out / f"ckpt_addon_s{stage}_{world}" if stage == 2 else None)
         guarded(f"no_attach_s{stage}", check_refused, rank, world, stage, adam_spd)
     guarded("addon_no_attach_s2", check_refused, rank, world, 2, adamw_with_addon)
+    guarded("s0", check_trajectory, rank, world, 0, adam_spd, ref)  # no ZeRO: nothing flattened
     guarded("s2_round_robin_aligned", check_trajectory, rank, world, 2, adam_spd, ref,
             round_robin_gradients=True, parameter_alignment=True)
     guarded("whole_partition_layout", check_whole_partition_layout, rank, world, ref)
@@ -319,6 +320,7 @@ def spawn(world: int, out: Path) -> dict[str, Any]:
 
 
 ROWS: list[tuple[str, str, str | None]] = [  # (setting, result key, field)
+    ("AdamSPD, no ZeRO (stage 0, fp32; attach has nothing to do)", "s0", "diff"),
     ("AdamSPD, ZeRO-1", "s1", "diff"),
     ("AdamSPD, ZeRO-2", "s2", "diff"),
     ("AdamSPD, ZeRO-3", "s3", "diff"),

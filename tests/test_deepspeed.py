@@ -27,7 +27,7 @@ pytestmark = pytest.mark.distributed
 TOL = 1e-5
 BLIND = 1e-3
 ATTACH_HINT = "spdecay.integrations.deepspeed.attach(engine)"
-TRAJECTORIES = ("s1", "s2", "s3", "addon_s1", "addon_s2", "addon_s3", "s2_round_robin_aligned")
+TRAJECTORIES = ("s0", "s1", "s2", "s3", "addon_s1", "addon_s2", "addon_s3", "s2_round_robin_aligned")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}proc")
@@ -66,6 +66,10 @@ def test_layout_has_split_tensors_and_mixed_partitions(res, key):
     assert sorted({i for ids in backbone for i in ids}) == list(range(5))  # every tensor somewhere
     gate = [ranks[2] for ranks in res[key]["pieces"]]
     assert [] in gate  # a rank whose partition of the gate group is only padding
+
+
+def test_without_zero_attach_has_nothing_to_do(res):
+    assert res["s0"]["pieces"] == [[]] * len(res["s0"]["pieces"])  # no layouts on any rank
 
 
 def test_round_robin_reorders_the_partitions(res):
