@@ -126,10 +126,11 @@ def regularises_table(names: list[str]) -> str:
 
 
 def write_report(out: Path, config: CompareConfig, records: list[dict], data_notes: dict | None = None,
-                 statement: str | None = None) -> str:
+                 statement: str | None = None, note: str | None = None) -> str:
     """Write report.md and return the comparison table (also printed at the end of a run).
     ``data_notes``: run notes (rows skipped per data source, how the model was read, frozen
-    unused weights); ``statement``: the preset's sentence on what the run can show."""
+    unused weights); ``statement``: the preset's sentence on what the run can show; ``note``: a
+    paragraph after it (e.g. how a partial study was assembled)."""
     if not records:
         atomic_write_text(out / "report.md", "# spdecay compare\n\nNo finished runs.\n")
         return "no finished runs"
@@ -149,6 +150,8 @@ def write_report(out: Path, config: CompareConfig, records: list[dict], data_not
                   "cosine": "10% warm-up, then cosine decay to 10% of the peak",
                   "constant": "10% warm-up, then constant"}.get(schedule, schedule)
     lines = [f"# spdecay compare: task `{config.task}`, preset `{config.preset}`", "", statement, ""]
+    if note:
+        lines += [note, ""]
     lines += [
         "## Protocol", "",
         f"- {steps} steps of batch {batch} per fine-tuning run; learning rate: {sched_text}.",

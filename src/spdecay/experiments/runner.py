@@ -215,7 +215,7 @@ def run_compare(
 
 
 def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-               keep: Callable[[dict], bool] | None = None) -> Path:
+               keep: Callable[[dict], bool] | None = None, note: str | None = None) -> Path:
     """Combine runs of one study split over processes (different ``--first-seed`` or
     ``--optimizers`` subsets) into ``out``: one config, one results file, one report with paired
     statistics. The folders' configurations must agree on everything but the seeds, the methods
@@ -258,7 +258,7 @@ def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lamb
         atomic_write_text(out / "run_notes.json", json.dumps(notes, indent=2))
     from spdecay.experiments.report import write_report
 
-    write_report(out, config, records, data_notes=notes)
+    write_report(out, config, records, data_notes=notes, note=note)
     try:
         from spdecay.experiments.plots import write_plots
 
