@@ -136,7 +136,9 @@ def zero_layouts(zero: Any) -> list[FlatLayout]:
             lo, hi = max(off, start), min(off + n, end)
             if lo < hi:
                 segments.append((lo - start, hi - lo, logical[id(p)]))
-        _check_placement(zero, i, ordered, offsets)
+        buffers = getattr(zero, "bit16_groups_flat", None)
+        _check_placement(buffers[i] if buffers else None, [p.data for p in ordered], offsets,
+                         f"param group {i}")
         names = _names(zero, originals)
         layouts.append(FlatLayout(
             offsets=tuple(s[0] for s in segments),
@@ -185,6 +187,9 @@ def zero3_layouts(zero: Any) -> list[FlatLayout]:
                 f"shape {tuple(flat.shape)}, expected ({at},); this DeepSpeed version lays "
                 "partitions out differently from what spdecay supports"
             )
+        buffers = getattr(zero, "fp16_partitioned_groups_flat", None)
+        _check_placement(buffers[j] if buffers else None, [p.ds_tensor for p in params], offsets,
+                         f"ZeRO-3 sub-group {j}")
         found = [names.get(p) for p in params]
         layouts.append(FlatLayout(
             offsets=tuple(offsets), lengths=tuple(lengths), logical_ids=tuple(range(len(params))),
@@ -234,25 +239,23 @@ def _cumulative(numels: list[int]) -> list[int]:
     return out
 
 
-def _check_placement(zero: Any, i: int, ordered: list[Tensor], offsets: list[int]) -> None:
-    # Where each model tensor's storage lies in the group's flat buffer is the ground truth of
-    # the layout DeepSpeed steps: an independent check of the offsets read from its bookkeeping
-    # (its own fragment map, ``_hp_mapping``, ignores round_robin_gradients' order).
-    buffers = getattr(zero, "bit16_groups_flat", None)
-    if buffers is None:
+def _check_placement(buffer: Tensor | None, tensors: list[Tensor], offsets: list[int],
+                     where: str) -> None:
+    # Where each tensor's storage lies in the flat buffer DeepSpeed built is the ground truth of
+    # the layout it steps: an independent check of the offsets read from its bookkeeping (its
+    # own fragment map, ``_hp_mapping``, ignores round_robin_gradients' order).
+    if buffer is None:
         return
-    buffer = buffers[i]
     base = buffer.untyped_storage().data_ptr()
-    for p, off in zip(ordered, offsets):
-        if p.data.untyped_storage().data_ptr() != base:
+    for t, off in zip(tensors, offsets):
+        if t.untyped_storage().data_ptr() != base:
             continue  # not a view of the buffer (moved or swapped): nothing to compare
-        at = p.data.storage_offset() - buffer.storage_offset()
+        at = t.storage_offset() - buffer.storage_offset()
         if at != off:
             raise RuntimeError(
-                f"spdecay.integrations.deepspeed: param group {i}: a tensor of shape "
-                f"{tuple(p.shape)} lies at element {at} of DeepSpeed's flat buffer, spdecay "
-                f"computed {off}; this DeepSpeed version lays groups out differently (not "
-                "supported)"
+                f"spdecay.integrations.deepspeed: {where}: a tensor of {t.numel()} elements "
+                f"lies at element {at} of DeepSpeed's flat buffer, spdecay computed {off}; this "
+                "DeepSpeed version lays partitions out differently (not supported)"
             )
 
 
