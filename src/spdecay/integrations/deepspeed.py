@@ -39,8 +39,8 @@ def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
     Call it once on every rank, right after ``deepspeed.initialize`` (before training and before
     ``engine.load_checkpoint``). ``addon``: the :class:`~spdecay.SelectiveProjectionDecay` around
     the client optimizer (found automatically when omitted). Returns the layouts, one per param
-    group (ZeRO-3: one per sub-group). Without ZeRO (stage 0, fp32) DeepSpeed keeps the original tensors and there is nothing
-    to attach: an empty list is returned.
+    group (ZeRO-3: one per sub-group). Without ZeRO (stage 0, fp32) DeepSpeed keeps the original
+    tensors and there is nothing to attach: an empty list is returned.
     """
     wrapper = getattr(engine, "optimizer", None)
     if wrapper is None:
