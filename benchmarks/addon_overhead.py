@@ -44,7 +44,8 @@ def timed(step) -> float:
 
 
 def compare(name: str, build, reps: int) -> dict[str, float]:
-    """Bare optimizer, + add-on (torch ops) and + add-on (fused=True, the C kernel), interleaved."""
+    """Bare optimizer, + add-on (torch ops, fused=False) and + add-on (the C kernel: fused=True,
+    also the CPU default), interleaved."""
     variants = {"bare": None, "add-on": False, "add-on fused": True}
     params = {k: make(0) for k in variants}
     opts, addons = {}, {}
@@ -66,7 +67,7 @@ def compare(name: str, build, reps: int) -> dict[str, float]:
                 ps[i].grad.neg_()
         for k, opt in opts.items():
             times[k].append(timed(opt.step))
-        fired.append(addons["add-on"].stats().fired.float().mean().item())
+        fired.append(addons["add-on"].spd_stats().fired.float().mean().item())
     med = {k: statistics.median(ts) * 1e3 for k, ts in times.items()}
     print(f"{name:<22} bare {med['bare']:7.1f} ms   +add-on {med['add-on']:7.1f} ms "
           f"({med['add-on'] / med['bare']:4.2f}x)   +add-on fused {med['add-on fused']:7.1f} ms "

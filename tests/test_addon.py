@@ -18,11 +18,13 @@ def layout(request, monkeypatch):
     import spdecay.addon as A
     import spdecay.spd.decision as D
 
+    init = A.SelectiveProjectionDecay.__init__
+    if request.param != "kernel":  # torch ops (the default takes the kernel where it builds)
+        monkeypatch.setattr(init, "__kwdefaults__", {**init.__kwdefaults__, "fused": False})
     if request.param == "sliced":
         monkeypatch.setattr(A, "_SLICE_NUMEL", 5)  # tensors above 5 elements measured in slices
         monkeypatch.setattr(D, "_CHUNK_NUMEL", 8)  # several foreach chunks in the projection
     if request.param == "kernel":
-        init = A.SelectiveProjectionDecay.__init__
         monkeypatch.setattr(init, "__kwdefaults__", {**init.__kwdefaults__, "fused": True})
         measured = []
         real = A._kernel().measure

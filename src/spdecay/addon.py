@@ -137,9 +137,11 @@ class SelectiveProjectionDecay:
             gradient, i.e. the pre-trained weights) or ``"zero"`` (PEFT/LoRA weights); per group
             override key ``"anchor"``. A group with ``"spd": False`` is left alone.
         anchor_dtype: floating dtype to store anchors in (default: the parameter's dtype).
-        fused: measure and project CPU tensors with spdecay's fused C kernel (one pass per
-            measurement; compiled once on first use, like ``AdamSPD(fused=True)``). Tensors it
-            does not cover (other devices, dtypes or layouts) use torch ops as with the default.
+        fused: measure and project CPU tensors with spdecay's C kernel (one pass per
+            measurement), as ``AdamSPD`` does. None (default): where the kernel can be built
+            (a C compiler; built once per machine, when the add-on is created), else torch ops;
+            True: the kernel or a clear error; False: torch ops. Tensors the kernel does not
+            cover (other devices, dtypes or layouts) always use torch ops.
 
     A step skipped by ``torch.amp.GradScaler`` applies no projection: the scaler does not call
     ``optimizer.step()`` (so the hooks do not run), and fused optimizers that skip inside the
@@ -154,7 +156,7 @@ class SelectiveProjectionDecay:
         anchor: str = "init",
         *,
         anchor_dtype: torch.dtype | None = None,
-        fused: bool = False,
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -165,12 +167,14 @@ class SelectiveProjectionDecay:
         check_dtype_option("anchor_dtype", anchor_dtype, "SelectiveProjectionDecay")
         for i, group in enumerate(optimizer.param_groups):
             _check_group(group, i)
-        if not isinstance(fused, bool):
-            raise TypeError(f"fused must be a bool, got {fused!r}")
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool or None, got {fused!r}")
         if getattr(optimizer, "_spd_addon", None) is not None:
             raise ValueError("this optimizer already carries a SelectiveProjectionDecay")
         if fused:
             _kernel().library()  # build now: a missing compiler is reported here, not mid-step
+        # The default takes the kernel where it can be built (now, not in a step), else torch.
+        self._kernel = bool(fused) or (fused is None and _kernel().available())
         self.fused = fused
         self.optimizer = optimizer
         self.weight_decay = float(weight_decay)
@@ -318,7 +322,7 @@ class SelectiveProjectionDecay:
             # Only the sign of <g, p - p0> matters, so grads still scaled by a GradScaler
             # (fused optimizers unscale inside their kernel) give the same decision.
             g = grads[id(b)]
-            b.kernel = self.fused and _kernel().addon_covers(b.params, b.anchors, g)
+            b.kernel = self._kernel and _kernel().addon_covers(b.params, b.anchors, g)
             if b.kernel:
                 b.before = _kernel().measure(b.params, b.anchors, g, b.layouts).to(b.params[0].device)
             else:

@@ -303,7 +303,10 @@ def _step_batch(batch: list[_Piece], h: AdamHyper) -> list[Tensor]:
     if not h.spd:
         torch._foreach_addcdiv_(p, m, denom)
         return []
-    update = torch._foreach_div(m, denom)
+    if len(batch) == 1:  # a CPU slice: the update overwrites denom (no new temporary)
+        update = [torch.div(m[0], denom[0], out=denom[0])]
+    else:
+        update = torch._foreach_div(m, denom)
     del denom
     out = []
     for pre_i, u, di, piece in zip(pre, update, d, batch):  # before p moves: d may alias p
