@@ -57,6 +57,6 @@ def exact_deviation(p: Tensor, a: Tensor | None) -> Tensor:
     """p - p0 in float64 (exact for float32/bf16/fp16 inputs)."""
     if a is None:
         return p
-    if p.dtype == torch.float64 and a.dtype == torch.float64:
+    if p.dtype == torch.float64:
         return p - a
-    return p.to(torch.float64) - a.to(torch.float64)
+    return p.to(torch.float64).sub_(a)  # computed in float64: one temporary
