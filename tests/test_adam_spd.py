@@ -17,7 +17,7 @@ PATHS = [pytest.param(False, id="single"), pytest.param(True, id="foreach"),
 
 
 def path(foreach):
-    """AdamSPD keyword arguments of a path in PATHS (the fused CPU kernel is built on first use)."""
+    """AdamSPD keyword arguments of a path in PATHS (the C kernel is built once per machine)."""
     return {"fused": True} if foreach == "fused" else {"foreach": foreach}
 
 

@@ -82,9 +82,10 @@ def _compiler() -> str:
     compiler = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError(
-            "AdamSPD(fused=True) on CPU compiles a small C kernel on first use and needs a C "
+            "AdamSPD(fused=True) on CPU compiles a small C kernel (once per machine) and needs a C "
             f"compiler with OpenMP (gcc); none was found ($CC={wanted!r}, or cc/gcc on PATH). "
-            "Install gcc, or use the multi-tensor path (foreach=True, the default)."
+            "Install gcc, or use the torch multi-tensor path (foreach=True; the default falls "
+            "back to it where no compiler exists)."
         )
     return compiler
 
