@@ -259,3 +259,29 @@ def test_a_copy_of_an_optimizer_with_layouts_keeps_them():
         clone.step()
     assert len(clone.spd_stats()) == len(SHAPES)
     torch.testing.assert_close(twin.detach(), flat.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["adamspd", "addon"])
+def test_stats_cover_a_flat_partition_outside_the_groups(kind):
+    """DeepSpeed ZeRO-3 puts a sub-group's flat partition into the client optimizer's group only
+    while it steps it: the stats of the last step must still list its logical tensors."""
+    layout, numel = build_layout()
+    layout = FlatLayout(layout.offsets, layout.lengths, layout.logical_ids, layout.num_logical,
+                        names=tuple(f"t{i}" for i in range(len(SHAPES))))
+    flat = torch.nn.Parameter(torch.randn(numel, dtype=torch.float64))
+    if kind == "adamspd":
+        opt = AdamSPD([flat], lr=1e-2, foreach=True)
+        owner = opt
+    else:
+        opt = torch.optim.SGD([flat], lr=1e-2)
+        owner = SelectiveProjectionDecay(opt, fused=False)
+    owner.set_flat_layout(flat, layout)
+    for grads in grad_stream(3):
+        flat.grad = flatten(grads, torch.Generator().manual_seed(5))
+        opt.step()
+    inside = owner.spd_stats()
+    opt.param_groups[0]["params"] = []  # as ZeRO-3 leaves it between sub-group steps
+    outside = owner.spd_stats()
+    assert outside.names == inside.names == ["t0", "t1", "t2", "t3"]
+    assert torch.equal(outside.fired, inside.fired)
+    assert torch.equal(outside.deviation, inside.deviation)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from spdecay._anchored import AnchoredAdam
 from spdecay.spd.functional import GroupStep, step_groups
-from spdecay.stats import SPDStats
+from spdecay.stats import SPDStats, collect_stats
 
 
 class AdamSPD(AnchoredAdam):
@@ -105,14 +105,4 @@ class AdamSPD(AnchoredAdam):
     def spd_stats(self) -> SPDStats:
         """Per-tensor results of the last step that updated each SPD parameter (no host sync);
         a parameter with a FlatLayout gives one entry per logical tensor."""
-        names, entries, layouts = [], [], []
-        for g, group in enumerate(self.param_groups):
-            if not group["spd"]:
-                continue
-            group_names = group.get("param_names")
-            for i, p in enumerate(group["params"]):
-                if p in self._spd_last:
-                    names.append(group_names[i] if group_names else f"group{g}.param{i}")
-                    entries.append(self._spd_last[p])
-                    layouts.append(self._layouts.get(p))
-        return SPDStats.from_decisions(names, entries, layouts)
+        return collect_stats(self.param_groups, self._spd_last, self._layouts, spd_only=True)

@@ -30,7 +30,7 @@ from spdecay.spd.driver import PartialStep, finish
 from spdecay.spd.engines import check_params_unchanged, group_shapes
 from spdecay.spd.layout import FlatLayout, check_layout, pieces, segment_ids
 from spdecay.spd.reduce import check_placements, is_dtensor
-from spdecay.stats import SPDStats
+from spdecay.stats import SPDStats, collect_stats
 
 __all__ = ["SelectiveProjectionDecay"]
 
@@ -227,15 +227,7 @@ class SelectiveProjectionDecay:
         :meth:`AdamSPD.spd_stats`: names (``param_names`` of the group when the optimizer was
         built from named parameters, else ``group{g}.param{i}``), fired, ratio, deviation.
         No host sync until you read the values."""
-        names, entries, layouts = [], [], []
-        for g, group in enumerate(self.optimizer.param_groups):
-            group_names = group.get("param_names")
-            for i, p in enumerate(group["params"]):
-                if p in self._last:
-                    names.append(group_names[i] if group_names else f"group{g}.param{i}")
-                    entries.append(self._last[p])
-                    layouts.append(self._layouts.get(p))
-        return SPDStats.from_decisions(names, entries, layouts)
+        return collect_stats(self.optimizer.param_groups, self._last, self._layouts)
 
     def stats(self) -> SPDStats:
         """Deprecated name of :meth:`spd_stats`."""

@@ -4,7 +4,7 @@ One type for AdamSPD, the functional form and the add-on (``spd_stats()`` on bot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,3 +142,43 @@ class SPDStats:
 
 
 SPDStepStats = SPDStats  # deprecated name of the functional form's result
+
+
+def collect_stats(
+    param_groups: Sequence[dict[str, Any]],
+    last: Mapping[Any, Any],
+    layouts: Mapping[Any, Any],
+    spd_only: bool = False,
+) -> SPDStats:
+    """The stats of the last step of every parameter that has one, in param-group order.
+
+    Parameters with a FlatLayout that are in no group right now come last, in the order their
+    layouts were set: DeepSpeed ZeRO-3 puts a sub-group's flat partition into the client
+    optimizer's group only while it steps it, so walking the groups alone would miss it.
+
+    Args:
+        param_groups: the optimizer's param groups (``param_names`` used where present).
+        last: per parameter, its latest ``(Decisions, first column, width)``.
+        layouts: per parameter, its FlatLayout (if any).
+        spd_only: skip groups whose ``spd`` is false (AdamSPD's plain AdamW groups).
+    """
+    names, entries, kept = [], [], []
+    seen: set[int] = set()
+    for g, group in enumerate(param_groups):
+        if spd_only and not group.get("spd", True):
+            continue
+        group_names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if p in last and id(p) not in seen:
+                seen.add(id(p))
+                names.append(group_names[i] if group_names else f"group{g}.param{i}")
+                entries.append(last[p])
+                kept.append(layouts.get(p))
+    for k, (p, layout) in enumerate(layouts.items()):
+        if p in last and id(p) not in seen:
+            seen.add(id(p))
+            names.append(f"flat{k}")
+            entries.append(last[p])
+            kept.append(layout)
+    return SPDStats.from_decisions(names, entries, kept)
+
