@@ -97,12 +97,19 @@ class LPFT:
         return self.phase
 
     def state_dict(self) -> dict[str, Any]:
-        """The phase to checkpoint: ``{"steps": ..., "lp_steps": ...}``."""
+        """The phase, for checkpoints.
+
+        Returns:
+            ``{"steps": steps counted so far, "lp_steps": the linear-probing length}``.
+        """
         return {"steps": self.steps, "lp_steps": self.lp_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from [`state_dict`][spdecay.LPFT.state_dict]: restores the counts and freezes or unfreezes the
-        backbone to match."""
+        """Resume the phase: restore the counts and freeze or unfreeze the backbone to match.
+
+        Args:
+            state: a dict from [`state_dict`][spdecay.LPFT.state_dict].
+        """
         self.steps = int(state["steps"])
         self.lp_steps = int(state["lp_steps"])
         self._set_frozen(self.steps < self.lp_steps)
