@@ -148,8 +148,20 @@ class AnchoredAdam(Optimizer):
             self.state[p][ANCHOR_KEY] = a.detach().to(device=p.device, dtype=dtype).clone()
 
     def set_flat_layout(self, param: Tensor, layout: FlatLayout) -> None:
-        """Declare ``param`` (1-D, in one of the groups) a flat engine partition holding the
-        segments ``layout`` describes: SPD then decides per logical tensor (see FlatLayout)."""
+        """Declare ``param`` a flat engine partition holding the segments ``layout`` describes.
+
+        SPD then decides per logical tensor (see [`FlatLayout`][spdecay.FlatLayout]).
+
+        Args:
+            param: a 1-D, real floating, plain (non-DTensor) parameter in one of the groups.
+            layout: the segments of ``param`` and the logical tensors they belong to.
+
+        Raises:
+            ValueError: ``param`` is in no param group, is not 1-D, or the layout's segments,
+                ids or ``num_logical`` do not fit it.
+            TypeError: ``layout`` is not a ``FlatLayout``, or ``param`` is a DTensor or not
+                real floating.
+        """
         if not any(param is q for g in self.param_groups for q in g["params"]):
             raise ValueError(f"{self._owner}.set_flat_layout: the tensor is not in any param group")
         self._layouts[param] = check_layout(param, layout)
@@ -178,8 +190,18 @@ class AnchoredAdam(Optimizer):
 
     # --------------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict written by this optimizer class (refuses foreign ones, see
-        :meth:`load_adam_state` to migrate from torch's Adam/AdamW)."""
+        """Load a state_dict written by this optimizer class.
+
+        Foreign state_dicts are refused; use ``load_adam_state`` to migrate from torch's
+        Adam/AdamW.
+
+        Args:
+            state_dict: a state_dict from ``state_dict()`` of the same optimizer class.
+
+        Raises:
+            ValueError: ``state_dict`` is not an optimizer state_dict, or was not written by
+                this class (missing or foreign group keys, unexpected state keys).
+        """
         self._check_own_state_dict(state_dict)
         state_dict = {**state_dict, "param_groups": [
             {k: v for k, v in g.items() if k != "capturable"} for g in state_dict["param_groups"]
@@ -216,8 +238,18 @@ class AnchoredAdam(Optimizer):
         return ()
 
     def load_adam_state(self, state_dict: dict[str, Any]) -> None:
-        """Take over the moments and step counts of a torch Adam/AdamW state_dict (same params in
-        the same order); keeps this optimizer's groups, settings and anchors."""
+        """Take over the moments and step counts of a torch Adam/AdamW state_dict.
+
+        Keeps this optimizer's groups, settings and anchors.
+
+        Args:
+            state_dict: a `torch.optim.Adam`/`AdamW` state_dict over the same parameters in the
+                same order.
+
+        Raises:
+            ValueError: the state_dict has a different number of parameters, or a moment's
+                shape differs from its parameter's.
+        """
         saved = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]

@@ -35,20 +35,28 @@ class AdamSPD(AnchoredAdam):
             sequence of tensors matching ``params``), ``pre`` (the paper's reference-code key: a
             list of anchor tensors, or None for zero; not together with ``anchor``),
             ``anchor_dtype`` and ``state_dtype``.
-        lr, betas, eps, amsgrad, maximize: as in :class:`torch.optim.Adam`.
+        lr: learning rate, as in `torch.optim.Adam` (a float or a tensor).
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: term added to the denominator for numerical stability.
         weight_decay: the SPD strength ``lam`` (plain decoupled decay where ``spd=False``).
-        foreach: False: the readable single-tensor path; True: the torch multi-tensor path.
-        fused: CPU: a C kernel (compiled once per machine, when the optimizer is built); CUDA:
-            Triton kernels (always capturable in a CUDA graph). The default (None, with
-            foreach=None) takes them where available (a C compiler; Triton installed) and the
-            multi-tensor path elsewhere.
+        amsgrad: use the AMSGrad variant (the maximum of past second moments).
+        maximize: maximise the objective instead of minimising it.
+        foreach: False: the readable single-tensor reference path; True: the torch
+            multi-tensor path (never the fused kernels unless ``fused=True``).
+        fused: True: CPU tensors go to a C/OpenMP kernel (compiled once per machine, when the
+            optimizer is built; a missing compiler raises), CUDA tensors to Triton kernels
+            (always capturable in a CUDA graph); tensors a kernel does not cover take the
+            multi-tensor path in the same step. The default (None, with ``foreach=None``) uses
+            the C kernel on CPU whenever a C compiler is found and Triton on CUDA when it is
+            installed, and the torch multi-tensor path otherwise.
         anchor: default anchor mode for all groups, or anchor tensors for a plain parameter list.
         anchor_dtype: store anchors in this floating dtype (``torch.bfloat16`` halves them).
         state_dtype: store the Adam moments in this floating dtype, e.g. ``torch.float32`` for
             bf16/fp16 parameters (the update is computed in the wider dtype and rounded once).
 
-    Anchors live in ``state[p]["anchor"]``; :meth:`spd_stats` gives the last step's decisions;
-    :meth:`set_flat_layout` declares a flat engine partition (DeepSpeed ZeRO).
+    Anchors live in ``state[p]["anchor"]``; [`spd_stats`][spdecay.AdamSPD.spd_stats] gives the
+    last step's decisions; [`set_flat_layout`][spdecay.AdamSPD.set_flat_layout] declares a flat
+    engine partition (DeepSpeed ZeRO).
     """
 
     _owner = "AdamSPD"
@@ -80,7 +88,15 @@ class AdamSPD(AnchoredAdam):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimisation step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it is
+                called with gradients enabled before the step.
+
+        Returns:
+            The loss returned by ``closure``, or None when no closure is given.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -103,6 +119,10 @@ class AdamSPD(AnchoredAdam):
         return loss
 
     def spd_stats(self) -> SPDStats:
-        """Per-tensor results of the last step that updated each SPD parameter (no host sync);
-        a parameter with a FlatLayout gives one entry per logical tensor."""
+        """Per-tensor results of the last step that updated each SPD parameter (no host sync).
+
+        Returns:
+            The SPD decisions of the parameters in groups with ``spd=True``; a parameter with a
+                [`FlatLayout`][spdecay.FlatLayout] gives one entry per logical tensor.
+        """
         return collect_stats(self.param_groups, self._spd_last, self._layouts, spd_only=True)

@@ -137,7 +137,7 @@ class SelectiveProjectionDecay:
             gradient, i.e. the pre-trained weights) or ``"zero"`` (PEFT/LoRA weights); per group
             override key ``"anchor"``. A group with ``"spd": False`` is left alone.
         anchor_dtype: floating dtype to store anchors in (default: the parameter's dtype).
-        fused: measure and project CPU tensors with spdecay's C kernel (one pass per
+        fused: measure and project CPU tensors with spdecay's C/OpenMP kernel (one pass per
             measurement), as ``AdamSPD`` does. None (default): where the kernel can be built
             (a C compiler; built once per machine, when the add-on is created), else torch ops;
             True: the kernel or a clear error; False: torch ops. Tensors the kernel does not
@@ -146,7 +146,16 @@ class SelectiveProjectionDecay:
     A step skipped by ``torch.amp.GradScaler`` applies no projection: the scaler does not call
     ``optimizer.step()`` (so the hooks do not run), and fused optimizers that skip inside the
     kernel expose ``found_inf``, which masks the projection. ``copy.deepcopy`` and pickling of the
-    optimizer carry the add-on (find the copy's with :meth:`of`).
+    optimizer carry the add-on (find the copy's with
+    [`of`][spdecay.SelectiveProjectionDecay.of]).
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, ``fused`` is not a bool or
+            None, ``anchor_dtype`` is not a floating dtype, or a group's ``spd`` is not a bool.
+        ValueError: ``weight_decay`` (or a group's ``spd_weight_decay``) is not a number >= 0,
+            ``anchor`` (or a group's) is not a known mode, or the optimizer already carries
+            an add-on.
+        RuntimeError: ``fused=True`` and the C kernel cannot be built (no C compiler).
     """
 
     def __init__(
@@ -198,11 +207,22 @@ class SelectiveProjectionDecay:
     # ----------------------------------------------------------------------------------- API
     @staticmethod
     def of(optimizer: torch.optim.Optimizer) -> SelectiveProjectionDecay | None:
-        """The add-on attached to ``optimizer`` (e.g. a deep copy's), or None."""
+        """The add-on attached to an optimizer (e.g. a deep copy's).
+
+        Args:
+            optimizer: the optimizer to look at.
+
+        Returns:
+            Its [`SelectiveProjectionDecay`][spdecay.SelectiveProjectionDecay], or None.
+        """
         return getattr(optimizer, "_spd_addon", None)
 
     def remove(self, drop_anchors: bool = False) -> None:
-        """Detach from the optimizer. With ``drop_anchors`` also delete the anchors from its state."""
+        """Detach from the optimizer; its later steps are plain.
+
+        Args:
+            drop_anchors: also delete the anchors from the optimizer's state.
+        """
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -216,27 +236,55 @@ class SelectiveProjectionDecay:
                 st.pop(_OLD_ANCHOR_KEY, None)
 
     def set_flat_layout(self, param: Tensor, layout: FlatLayout) -> None:
-        """Declare ``param`` (1-D, in one of the groups) a flat engine partition holding the
-        segments ``layout`` describes: SPD then decides per logical tensor (see FlatLayout)."""
+        """Declare ``param`` a flat engine partition holding the segments ``layout`` describes.
+
+        SPD then decides per logical tensor (see [`FlatLayout`][spdecay.FlatLayout]).
+
+        Args:
+            param: a 1-D, real floating, plain (non-DTensor) parameter in one of the groups.
+            layout: the segments of ``param`` and the logical tensors they belong to.
+
+        Raises:
+            ValueError: ``param`` is in no param group, is not 1-D, or the layout's segments,
+                ids or ``num_logical`` do not fit it.
+            TypeError: ``layout`` is not a ``FlatLayout``, or ``param`` is a DTensor or not
+                real floating.
+        """
         if not any(param is q for g in self.optimizer.param_groups for q in g["params"]):
             raise ValueError("SelectiveProjectionDecay.set_flat_layout: the tensor is not in any param group")
         self._layouts[param] = check_layout(param, layout)
 
     def spd_stats(self) -> SPDStats:
-        """Per-tensor results of the last step that updated each SPD parameter, as
-        :meth:`AdamSPD.spd_stats`: names (``param_names`` of the group when the optimizer was
-        built from named parameters, else ``group{g}.param{i}``), fired, ratio, deviation.
-        No host sync until you read the values."""
+        """Per-tensor results of the last step that updated each SPD parameter.
+
+        As [`AdamSPD.spd_stats`][spdecay.AdamSPD.spd_stats]; no host sync until you read the
+        values.
+
+        Returns:
+            Names (``param_names`` of the group when the optimizer was built from named
+                parameters, else ``group{g}.param{i}``), fired, ratio and deviation per tensor.
+        """
         return collect_stats(self.optimizer.param_groups, self._last, self._layouts)
 
     def stats(self) -> SPDStats:
-        """Deprecated name of :meth:`spd_stats`."""
+        """Deprecated name of [`spd_stats`][spdecay.SelectiveProjectionDecay.spd_stats].
+
+        Returns:
+            The same as ``spd_stats()``, after a ``DeprecationWarning``.
+        """
         warnings.warn("SelectiveProjectionDecay.stats() is deprecated; use spd_stats()",
                       DeprecationWarning, stacklevel=2)
         return self.spd_stats()
 
     def anchor_of(self, p: Tensor) -> Tensor | None:
-        """The anchor of ``p`` (None for zero anchors or before its first step)."""
+        """The anchor of a parameter.
+
+        Args:
+            p: a parameter of the optimizer.
+
+        Returns:
+            Its anchor tensor, or None for zero anchors or before its first step.
+        """
         st = self.optimizer.state.get(p)
         a = (st.get(ANCHOR_KEY, st.get(_OLD_ANCHOR_KEY))) if st else None
         return a if a is not None else self._pending.get(p)

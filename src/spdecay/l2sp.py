@@ -10,7 +10,7 @@ Two forms, selected by ``decoupled``:
 It shares AdamSPD's anchored-Adam base (param groups, ``anchor="init"|"zero"``, given tensors,
 ``anchor_dtype``, ``state_dtype``, anchors in ``state["anchor"]``, state_dict checks) and its
 Adam backends; it is not an AdamSPD and has no SPD statistics. Groups with ``spd=False`` (e.g. a
-new head from :func:`param_groups`) get plain AdamW decay ``p *= 1 - lr * weight_decay``.
+new head from [`param_groups`][spdecay.param_groups]) get plain AdamW decay ``p *= 1 - lr * weight_decay``.
 """
 
 from __future__ import annotations
@@ -33,11 +33,30 @@ __all__ = ["AdamL2SP"]
 class AdamL2SP(AnchoredAdam):
     """Adam with L2-SP regularisation towards the anchor.
 
+    The remaining arguments mean the same as in [`AdamSPD`][spdecay.AdamSPD].
+
     Args:
+        params: parameters, named parameters ``(name, p)`` or param groups, with the group keys
+            of [`AdamSPD`][spdecay.AdamSPD] (``spd``, ``anchor``, ``pre``, ``anchor_dtype``,
+            ``state_dtype``) and ``decoupled``.
+        lr: learning rate, as in `torch.optim.Adam` (a float or a tensor).
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: term added to the denominator for numerical stability.
         weight_decay: the L2-SP strength ``lam`` (AdamW decay in ``spd=False`` groups).
+        amsgrad: use the AMSGrad variant (the maximum of past second moments).
         decoupled: False (default): loss-level form through the moments; True: decoupled form.
             Per-group override key ``"decoupled"``.
-        Everything else as in :class:`AdamSPD`.
+        maximize: maximise the objective instead of minimising it.
+        foreach: False: the readable reference path; True: the torch multi-tensor path.
+        fused: the C/OpenMP (CPU) and Triton (CUDA) kernels, as in
+            [`AdamSPD`][spdecay.AdamSPD]; the default (None) takes them where available.
+        anchor: default anchor mode for all groups (``"init"`` or ``"zero"``), or anchor
+            tensors for a plain parameter list.
+        anchor_dtype: store anchors in this floating dtype.
+        state_dtype: store the Adam moments in this floating dtype.
+
+    Raises:
+        TypeError: ``decoupled`` is not a bool.
     """
 
     _owner = "AdamL2SP"
@@ -68,6 +87,18 @@ class AdamL2SP(AnchoredAdam):
         super().__init__(params, defaults, anchor=anchor)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, checked as in [`AdamSPD`][spdecay.AdamSPD].
+
+        Args:
+            param_group: a dict with ``params`` and optional group keys (``lr``, ``spd``,
+                ``anchor``, ``decoupled``, ...); missing keys take the optimizer's defaults.
+
+        Raises:
+            TypeError: the group's ``decoupled`` (or the default) is not a bool, or another
+                group key has the wrong type (``spd``, ``anchor=None``, a non-floating dtype).
+            ValueError: an invalid hyperparameter, an unknown anchor mode, both ``pre`` and
+                ``anchor``, or ``foreach`` and ``fused`` both True.
+        """
         decoupled = param_group.get("decoupled", self.defaults.get("decoupled", False))
         if not isinstance(decoupled, bool):
             raise TypeError(f"AdamL2SP: group 'decoupled' must be a bool, got {decoupled!r}")
@@ -82,7 +113,15 @@ class AdamL2SP(AnchoredAdam):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimisation step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it is
+                called with gradients enabled before the step.
+
+        Returns:
+            The loss returned by ``closure``, or None when no closure is given.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():

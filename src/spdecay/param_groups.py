@@ -174,22 +174,31 @@ def param_groups(
     Args:
         model: the model (a PEFT-wrapped model works: frozen base weights are skipped).
         head: the new task head: ``"auto"`` (a top-level module named one of
-            :data:`HEAD_NAMES`; no head when every trainable parameter is a PEFT adapter, as
+            `HEAD_NAMES`; no head when every trainable parameter is a PEFT adapter, as
             for LoRA on a causal LM), name pattern(s), module(s), or None for no head group.
         no_decay: parameters excluded from decay: ``"auto"`` (biases and norm weights, the
             usual convention), name pattern(s), or None (SPD on every backbone tensor, as in
             the paper).
-        peft: ``"auto"`` (parameters named like :data:`PEFT_PATTERNS` get ``anchor="zero"``),
+        peft: ``"auto"`` (parameters named like `PEFT_PATTERNS` get ``anchor="zero"``),
             True (the same, but an error if none match), False, or explicit pattern(s).
         weight_decay: SPD strength for the backbone and PEFT groups.
         head_weight_decay: plain decoupled decay for the head.
-        lr, head_lr: optional per-group learning rates (omitted: the optimizer's default).
-        for_addon: groups for :class:`SelectiveProjectionDecay` around a torch optimizer: the
-            SPD strength goes to ``"spd_weight_decay"`` and the optimizer's own
-            ``weight_decay`` is 0 in SPD groups.
+        lr: optional learning rate of every group (omitted: the optimizer's default).
+        head_lr: optional learning rate of the head group (omitted: ``lr``).
+        for_addon: groups for [`SelectiveProjectionDecay`][spdecay.SelectiveProjectionDecay]
+            around a torch optimizer: the SPD strength goes to ``"spd_weight_decay"`` and the
+            optimizer's own ``weight_decay`` is 0 in SPD groups.
 
-    Every group carries ``"param_names"`` (so ``spd_stats()`` reports names) and ``"name"``
-    (one of backbone, peft, head, no_decay). Empty groups are left out.
+    Returns:
+        The non-empty groups. Every group carries ``"param_names"`` (so ``spd_stats()`` reports
+            names) and ``"name"`` (one of backbone, peft, head, no_decay).
+
+    Raises:
+        ValueError: ``weight_decay`` or ``head_weight_decay`` is not a number >= 0; the model
+            has no trainable parameters; ``head="auto"`` finds no head (and not every trainable
+            parameter is a PEFT adapter); a name pattern is invalid or matches no parameter; a
+            head module has no parameters in the model; or ``peft=True`` and nothing matches.
+        TypeError: a pattern is not a string.
     """
     for key, value in (("weight_decay", weight_decay), ("head_weight_decay", head_weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -278,12 +287,33 @@ def llrd_param_groups(
     num_layers: int | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """:func:`param_groups` split by depth with layer-wise learning-rate decay (LLRD).
+    """[`param_groups`][spdecay.param_groups] split by depth with layer-wise learning-rate
+    decay (LLRD).
 
     Layer ``k`` of ``L`` (0: embeddings, ``L``: the top, which holds the head) gets
-    ``lr * decay ** (L - k)``. ``layer_of(name) -> int`` and ``num_layers`` (= L) override the
-    automatic depth assignment. Remaining keyword arguments go to :func:`param_groups`
-    (``head_lr`` is ignored: the head is in the top layer).
+    ``lr * decay ** (L - k)``. By default the depth comes from the model's largest
+    ``nn.ModuleList``: parameters before it are layer 0, block ``i`` is layer ``i + 1``,
+    everything after it is the top.
+
+    Args:
+        model: the model.
+        lr: learning rate of the top layer.
+        decay: factor per layer below the top, in (0, 1].
+        layer_of: ``layer_of(name) -> int`` in ``[0, num_layers]``, overriding the automatic
+            depth assignment (together with ``num_layers``).
+        num_layers: ``L``, the index of the top layer (together with ``layer_of``).
+        **kwargs: passed to [`param_groups`][spdecay.param_groups] (``head_lr`` is ignored:
+            the head is in the top layer).
+
+    Returns:
+        The groups of [`param_groups`][spdecay.param_groups], each split per layer, named
+            ``"<kind>.layer<k>"`` and with its own ``"lr"``.
+
+    Raises:
+        ValueError: ``lr`` is not a positive number, ``decay`` is not in (0, 1], only one of
+            ``layer_of`` and ``num_layers`` is given, the model has no ``nn.ModuleList`` (without
+            ``layer_of``), ``layer_of`` returns something other than an int in range, or
+            [`param_groups`][spdecay.param_groups] raises.
     """
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")

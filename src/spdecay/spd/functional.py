@@ -93,10 +93,33 @@ def adam_spd(
     maximize: bool,
     spd: bool = True,
 ):
-    """Functional AdamSPD over one list of tensors (torch's functional convention: state lists
-    built by the caller, ``anchors[i]`` None for a zero anchor). ``spd=False`` is AdamW with
-    decoupled decay ``weight_decay``. Returns the step's :class:`~spdecay.SPDStats` (None where
-    ``spd`` is False)."""
+    """Functional AdamSPD over one list of tensors (torch's functional convention).
+
+    The caller builds the state lists; the tensors are updated in place.
+
+    Args:
+        params: the parameters.
+        grads: their gradients.
+        exp_avgs: first moments, one per parameter.
+        exp_avg_sqs: second moments, one per parameter.
+        max_exp_avg_sqs: maximum second moments (used only where ``amsgrad``).
+        state_steps: step counters, one tensor per parameter.
+        anchors: the anchor of each parameter; None for a zero anchor.
+        layouts: optional [`FlatLayout`][spdecay.FlatLayout] per parameter (None: a plain tensor).
+        foreach: False: the reference path; True: the torch multi-tensor path.
+        fused: the C/OpenMP (CPU) and Triton (CUDA) kernels; None takes them where available.
+        amsgrad: use the AMSGrad variant.
+        beta1: coefficient of the running average of the gradient.
+        beta2: coefficient of the running average of its square.
+        lr: learning rate.
+        weight_decay: the SPD strength ``lam`` (decoupled AdamW decay where ``spd`` is False).
+        eps: term added to the denominator for numerical stability.
+        maximize: maximise the objective instead of minimising it.
+        spd: False makes this AdamW with decoupled decay ``weight_decay``.
+
+    Returns:
+        The step's [`SPDStats`][spdecay.SPDStats], or None where ``spd`` is False.
+    """
     from spdecay.stats import SPDStats
 
     lists = TensorLists(params, grads, exp_avgs, exp_avg_sqs,

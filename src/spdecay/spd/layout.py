@@ -21,11 +21,14 @@ from spdecay.spd.dtensor import is_dtensor
 class FlatLayout:
     """Which logical tensors the segments of a flat 1-D parameter belong to.
 
-    ``offsets``/``lengths``: start and length of each segment in the local flat tensor;
-    ``logical_ids``: the logical tensor of each segment, in ``range(num_logical)`` (a tensor
-    split in two segments has its id twice); ``num_logical``: logical tensors described, the
-    same on every rank; ``process_group``: the per-logical sums are all-reduced (SUM) over it
-    (None: no reduction); ``names``: optional names of the logical tensors (for stats).
+    Attributes:
+        offsets: start of each segment in the local flat tensor.
+        lengths: length of each segment.
+        logical_ids: the logical tensor of each segment, in ``range(num_logical)`` (a tensor
+            split in two segments has its id twice).
+        num_logical: the number of logical tensors described, the same on every rank.
+        process_group: the per-logical sums are all-reduced (SUM) over it (None: no reduction).
+        names: optional names of the logical tensors (for stats).
     """
 
     offsets: tuple[int, ...]
