@@ -8,12 +8,14 @@ decides per layer, so after ``deepspeed.initialize`` call::
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=AdamSPD(...), config=cfg)
     spdecay.integrations.deepspeed.attach(engine)
 
-:func:`attach` computes, for every flat partition, which slice of which original tensor each
-segment is (a :class:`~spdecay.spd.layout.FlatLayout`) and gives it to the optimizer
-(:class:`~spdecay.AdamSPD`, or the :class:`~spdecay.SelectiveProjectionDecay` add-on around a
+[`attach`][spdecay.integrations.deepspeed.attach] computes, for every flat partition, which
+slice of which original tensor each segment is (a [`FlatLayout`][spdecay.FlatLayout]) and gives
+it to the optimizer ([`AdamSPD`][spdecay.AdamSPD], or the
+[`SelectiveProjectionDecay`][spdecay.SelectiveProjectionDecay] add-on around a
 torch optimizer). SPD then sums per segment, all-reduces the per-layer sums over the data-parallel
 process group and decides per original tensor, as on one process. Without the call the optimizer
-refuses to step the flat buffers. With the Hugging Face Trainer use :func:`attach_to_trainer`.
+refuses to step the flat buffers. With the Hugging Face Trainer use
+[`attach_to_trainer`][spdecay.integrations.deepspeed.attach_to_trainer].
 
 Refused with an error naming the problem: optimizer or parameter offload (ZeRO-Offload),
 ZenFlow, Muon, MoE expert groups, ZeRO++ hierarchical partitioning, the BF16/FP16 wrappers
@@ -37,10 +39,27 @@ def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
     """Give the SPD optimizer of a DeepSpeed ``engine`` the layout of its flat partitions.
 
     Call it once on every rank, right after ``deepspeed.initialize`` (before training and before
-    ``engine.load_checkpoint``). ``addon``: the :class:`~spdecay.SelectiveProjectionDecay` around
-    the client optimizer (found automatically when omitted). Returns the layouts, one per param
-    group (ZeRO-3: one per sub-group). Without ZeRO (stage 0, fp32) DeepSpeed keeps the original
-    tensors and there is nothing to attach: an empty list is returned.
+    ``engine.load_checkpoint``).
+
+    Args:
+        engine: the engine returned by ``deepspeed.initialize``.
+        addon: the [`SelectiveProjectionDecay`][spdecay.SelectiveProjectionDecay] around the
+            client optimizer (found automatically when omitted).
+
+    Returns:
+        The layouts, one per param group (ZeRO-3: one per sub-group). Without ZeRO (stage 0,
+            fp32) DeepSpeed keeps the original tensors and there is nothing to attach: an empty
+            list.
+
+    Raises:
+        TypeError: ``engine`` has no optimizer; the client optimizer is neither an AdamSPD nor
+            wrapped by exactly one add-on; or ``addon`` is not a ``SelectiveProjectionDecay``.
+        ValueError: ``addon`` does not wrap the engine's client optimizer.
+        NotImplementedError: an unsupported setting: DeepSpeed's BF16/FP16 wrapper without
+            ZeRO, optimizer or parameter offload, ZenFlow, Muon, MoE expert groups, or ZeRO++
+            hierarchical partitioning.
+        RuntimeError: this DeepSpeed version lays partitions out differently from what spdecay
+            supports.
     """
     wrapper = getattr(engine, "optimizer", None)
     if wrapper is None:
@@ -79,9 +98,19 @@ def attach(engine: Any, addon: Any = None) -> list[FlatLayout]:
 
 
 def attach_to_trainer(trainer: Any) -> None:
-    """Hugging Face ``Trainer`` with ``TrainingArguments(deepspeed=config)``: call
-    :func:`attach` on the DeepSpeed engine as soon as the Trainer has built it (at the start of
-    every ``trainer.train()``, before the first step). Call it once, before ``train()``.
+    """Attach SPD to the DeepSpeed engine of a Hugging Face ``Trainer``.
+
+    For ``TrainingArguments(deepspeed=config)``: registers a callback that calls
+    [`attach`][spdecay.integrations.deepspeed.attach] on the DeepSpeed engine as soon as the
+    Trainer has built it (at the start of every ``trainer.train()``, before the first step).
+    Call it once, before ``train()``.
+
+    Args:
+        trainer: a ``transformers.Trainer``.
+
+    Raises:
+        RuntimeError: at the start of training, when the Trainer does not run under DeepSpeed;
+            otherwise whatever [`attach`][spdecay.integrations.deepspeed.attach] raises.
     """
     from transformers import TrainerCallback
 
@@ -99,14 +128,24 @@ def attach_to_trainer(trainer: Any) -> None:
 
 
 def zero_layouts(zero: Any) -> list[FlatLayout]:
-    """The :class:`FlatLayout` of each param group's local fp32 partition of a ZeRO-1/2
-    optimizer (``engine.optimizer``), in group order.
+    """The [`FlatLayout`][spdecay.FlatLayout] of each param group's local fp32 partition of a
+    ZeRO-1/2 optimizer, in group order.
 
     DeepSpeed lays a group out as its trainable tensors in (possibly round-robin reordered)
     order, each optionally padded to an alignment, the whole padded to a multiple of the
     data-parallel size, then cut into equal partitions; rank ``r`` holds
     ``[r * partition_size, (r + 1) * partition_size)``. Logical ids are the tensors' positions in
     the original param group, so they agree across ranks.
+
+    Args:
+        zero: the ZeRO-1/2 optimizer (``engine.optimizer``, a ``DeepSpeedZeroOptimizer``).
+
+    Returns:
+        One layout per param group, with the group's data-parallel process group.
+
+    Raises:
+        RuntimeError: a partition's shape or a tensor's place in the flat buffer differs from
+            what spdecay computed (a DeepSpeed version with another layout).
     """
     import torch.distributed as dist
 
@@ -152,13 +191,25 @@ def zero_layouts(zero: Any) -> list[FlatLayout]:
 
 
 def zero3_layouts(zero: Any) -> list[FlatLayout]:
-    """The :class:`FlatLayout` of each sub-group's local fp32 partition of a ZeRO-3 optimizer
-    (``engine.optimizer``), in sub-group order.
+    """The [`FlatLayout`][spdecay.FlatLayout] of each sub-group's local fp32 partition of a
+    ZeRO-3 optimizer, in sub-group order.
 
     ZeRO-3 partitions every tensor on its own: rank ``r`` holds elements
     ``[r * n, (r + 1) * n)`` of each flattened tensor (``n = ceil(numel / world)``, the last
     ranks' pieces padded), and a sub-group's fp32 partition is these pieces one after another.
     Logical ids are the tensors' positions in the sub-group, the same on every rank.
+
+    Args:
+        zero: the ZeRO-3 optimizer (``engine.optimizer``, a ``DeepSpeedZeroOptimizer_Stage3``).
+
+    Returns:
+        One layout per sub-group, with the sub-group's process group.
+
+    Raises:
+        NotImplementedError: a sub-group's tensors are partitioned over another process group
+            (MoE/AutoEP).
+        RuntimeError: a partition's shape or a tensor's place in the flat buffer differs from
+            what spdecay computed (a DeepSpeed version with another layout).
     """
     import torch.distributed as dist
 

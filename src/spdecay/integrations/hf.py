@@ -1,6 +1,6 @@
 """Hugging Face ``Trainer`` integration.
 
-Train with AdamSPD, grouped by :func:`spdecay.param_groups` (SPD on the pre-trained backbone,
+Train with AdamSPD, grouped by [`param_groups`][spdecay.param_groups] (SPD on the pre-trained backbone,
 zero anchors for PEFT/LoRA weights, plain decay on the new head)::
 
     from transformers import Trainer
@@ -15,9 +15,9 @@ zero anchors for PEFT/LoRA weights, plain decay on the new head)::
 
 The factory builds the groups when the Trainer creates its optimizer, i.e. from the model it is
 about to train (after FSDP2 / accelerate have wrapped and sharded it), so the groups never refer
-to parameters that were swapped out. Keys of :func:`spdecay.param_groups` (``head``,
+to parameters that were swapped out. Keys of [`param_groups`][spdecay.param_groups] (``head``,
 ``no_decay``, ``peft``, ``weight_decay``, ``head_weight_decay``, ``lr``, ``head_lr``) go to the
-grouping; everything else to :class:`spdecay.AdamSPD`. The anchors are captured at each
+grouping; everything else to [`AdamSPD`][spdecay.AdamSPD]. The anchors are captured at each
 parameter's first step (the pre-trained weights; after any sharding).
 
 The factory needs a transformers whose Trainer accepts optimizer factories (tested with 5.24).
@@ -72,12 +72,18 @@ class SPDStatsCallback(TrainerCallback):
 
     Args:
         source: where to read the stats; default: the Trainer's optimizer (an AdamSPD, found
-            inside accelerate's wrapper). Pass a :class:`spdecay.SelectiveProjectionDecay` when
-            SPD is an add-on around another optimizer.
+            inside accelerate's wrapper). Pass a
+            [`SelectiveProjectionDecay`][spdecay.SelectiveProjectionDecay] when SPD is an add-on
+            around another optimizer.
         prefix: prefix of the logged keys.
 
     Reporting callbacks run in list order and user callbacks come after them, so register it
-    with :func:`add_spd_stats` (which puts it first) for tensorboard/wandb to see the values.
+    with [`add_spd_stats`][spdecay.integrations.hf.add_spd_stats] (which puts it first) for
+    tensorboard/wandb to see the values.
+
+    Raises:
+        TypeError: at an optimizer step, when no ``source`` was given and the Trainer's
+            optimizer has no SPD statistics (it is not an AdamSPD).
     """
 
     def __init__(self, source: Any = None, prefix: str = "spd/") -> None:
@@ -105,7 +111,19 @@ class SPDStatsCallback(TrainerCallback):
 
 
 def add_spd_stats(trainer: Any, callback: SPDStatsCallback | None = None) -> SPDStatsCallback:
-    """Register an :class:`SPDStatsCallback` ahead of the reporting callbacks; returns it."""
+    """Register an SPD statistics callback ahead of the Trainer's reporting callbacks.
+
+    Args:
+        trainer: a ``transformers.Trainer``.
+        callback: the callback to register; default: a new
+            [`SPDStatsCallback`][spdecay.integrations.hf.SPDStatsCallback].
+
+    Returns:
+        The registered callback.
+
+    Raises:
+        TypeError: ``callback`` is not an ``SPDStatsCallback``.
+    """
     callback = callback if callback is not None else SPDStatsCallback()
     if not isinstance(callback, SPDStatsCallback):
         raise TypeError(f"add_spd_stats: expected an SPDStatsCallback, got {type(callback).__name__}")

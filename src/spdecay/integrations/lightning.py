@@ -23,9 +23,14 @@ class SPDStatsLogger(Callback):
     ``pl_module.log_dict`` (as tensors: no host sync here; loggers read them when they write).
 
     Args:
-        source: an AdamSPD or :class:`spdecay.SelectiveProjectionDecay`; default: the first of
-            the trainer's optimizers that has SPD statistics.
+        source: an [`AdamSPD`][spdecay.AdamSPD] or
+            [`SelectiveProjectionDecay`][spdecay.SelectiveProjectionDecay]; default: the first
+            of the trainer's optimizers that has SPD statistics.
         prefix: prefix of the logged keys.
+
+    Raises:
+        TypeError: at the end of a training batch, when no ``source`` was given and none of
+            the trainer's optimizers has SPD statistics.
     """
 
     def __init__(self, source: Any = None, prefix: str = "spd/") -> None:

@@ -1,7 +1,7 @@
 """AdamSPD as a function over lists of tensors: validate, plan, phase 1 per backend, finish.
 
-:func:`step_groups` is what ``AdamSPD.step`` calls with every param group of a step (so the
-sums of all groups are reduced together); :func:`adam_spd` is the one-group functional form.
+`step_groups` is what ``AdamSPD.step`` calls with every param group of a step (so the
+sums of all groups are reduced together); `adam_spd` is the one-group functional form.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Flat engine partitions: one 1-D tensor holding segments of several logical tensors.
 
 DeepSpeed ZeRO-1/2 replaces a param group's tensors by one flat fp32 partition per rank. SPD
-decides per *logical* tensor, so such a parameter carries a :class:`FlatLayout`: its sums are
+decides per *logical* tensor, so such a parameter carries a `FlatLayout`: its sums are
 computed per segment, scattered to the logical tensor they belong to and all-reduced over the
 layout's process group; elements outside every segment (padding) get plain Adam.
 """
