@@ -123,7 +123,7 @@ def test_for_addon_moves_strength_out_of_the_base_optimizer_decay():
     spd = SelectiveProjectionDecay(opt)
     model(input_ids=torch.randint(0, 50, (2, 5)), labels=torch.tensor([0, 2])).loss.backward()
     opt.step()
-    names = spd.stats().names
+    names = spd.spd_stats().names
     assert "classifier.weight" not in names and len(names) == len(groups["backbone"]["params"])
 
 
