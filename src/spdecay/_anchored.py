@@ -162,9 +162,7 @@ class AnchoredAdam(Optimizer):
             TypeError: ``layout`` is not a ``FlatLayout``, or ``param`` is a DTensor or not
                 real floating.
         """
-        if not any(param is q for g in self.param_groups for q in g["params"]):
-            raise ValueError(f"{self._owner}.set_flat_layout: the tensor is not in any param group")
-        self._layouts[param] = check_layout(param, layout)
+        self._layouts[param] = check_layout(param, layout, self.param_groups, self._owner)
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies keep their layouts and the recorded shapes: a copy that lost them would step

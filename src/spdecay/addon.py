@@ -236,23 +236,18 @@ class SelectiveProjectionDecay:
                 st.pop(_OLD_ANCHOR_KEY, None)
 
     def set_flat_layout(self, param: Tensor, layout: FlatLayout) -> None:
-        """Declare ``param`` a flat engine partition holding the segments ``layout`` describes.
+        """Declare ``param``, a parameter of the base optimizer, a flat engine partition.
 
-        SPD then decides per logical tensor (see [`FlatLayout`][spdecay.FlatLayout]).
+        The same contract, arguments and errors as
+        [`AdamSPD.set_flat_layout`][spdecay.AdamSPD.set_flat_layout]; the DeepSpeed integration
+        calls it for you.
 
         Args:
-            param: a 1-D, real floating, plain (non-DTensor) parameter in one of the groups.
-            layout: the segments of ``param`` and the logical tensors they belong to.
-
-        Raises:
-            ValueError: ``param`` is in no param group, is not 1-D, or the layout's segments,
-                ids or ``num_logical`` do not fit it.
-            TypeError: ``layout`` is not a ``FlatLayout``, or ``param`` is a DTensor or not
-                real floating.
+            param: a 1-D, real floating, plain parameter in one of the base optimizer's groups.
+            layout: its segments and the logical tensors they belong to.
         """
-        if not any(param is q for g in self.optimizer.param_groups for q in g["params"]):
-            raise ValueError("SelectiveProjectionDecay.set_flat_layout: the tensor is not in any param group")
-        self._layouts[param] = check_layout(param, layout)
+        self._layouts[param] = check_layout(param, layout, self.optimizer.param_groups,
+                                            "SelectiveProjectionDecay")
 
     def spd_stats(self) -> SPDStats:
         """Per-tensor results of the last step that updated each SPD parameter.

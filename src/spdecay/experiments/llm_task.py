@@ -36,7 +36,9 @@ from spdecay.experiments.data import Split
 from spdecay.experiments.errors import RunnerError
 from spdecay.experiments.llm_data import RETENTION_SET, LLMData, load_llm_data
 from spdecay.experiments.llm_scoring import PromptEncoder, answer_loss, label_log_likelihoods
+from spdecay.experiments.protocol import RunSpec
 from spdecay.experiments.results_io import atomic_write_text, read_records, write_records
+from spdecay.experiments.train import parameter_deviation
 
 TRAINED = ("adamw", "l2sp", "adamspd", "sgdspd")
 STRENGTH = {"adamw": 0.01, "l2sp": 0.1, "adamspd": 1.0, "sgdspd": 1.0}  # the runner's single defaults
@@ -84,20 +86,7 @@ def llm_defaults(config: CompareConfig) -> LLMDefaults:
     return d
 
 
-@dataclass(frozen=True)
-class LLMRun:
-    optimizer: str
-    seed: int
-    weight_decay: float
-    lr: float
-
-    @property
-    def run_id(self) -> str:
-        return f"{self.optimizer}-seed{self.seed}-wd{self.weight_decay:g}-lr{self.lr:g}"
-
-    @property
-    def hparams(self) -> dict[str, float]:
-        return {"weight_decay": self.weight_decay, "lr": self.lr}
+LLMRun = RunSpec  # one run of the llm task: the same identity as the other tasks' runs
 
 
 def plan_llm(config: CompareConfig, d: LLMDefaults) -> list[LLMRun]:
@@ -264,32 +253,16 @@ def adapter_deviation(model: nn.Module, start: dict[str, torch.Tensor]) -> dict:
     """||theta - theta0|| of the adapters (theta0: their initial values), per tensor and in total,
     and the size of the weight change they make, ||delta W|| = ||s B A|| summed over layers,
     relative to the pre-trained weights they modify."""
-    names, dev, rel, ndim = [], [], [], []
-    total_sq = ref_sq = 0.0
-    for name, p in model.named_parameters():
-        if name not in start:
-            continue
-        d = float((p.double() - start[name].double()).norm())
-        r = float(start[name].double().norm())
-        names.append(name)
-        ndim.append(p.ndim)
-        dev.append(d)
-        rel.append(d / r if r > 0 else float("nan"))
-        total_sq += d * d
-        ref_sq += r * r
+    out = parameter_deviation(model, start)
     delta_sq = base_sq = 0.0
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer") and "default" in getattr(module, "lora_A", {}):
             a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
             delta_sq += float((module.scaling["default"] * (b.double() @ a.double())).norm() ** 2)
             base_sq += float(module.base_layer.weight.double().norm() ** 2)
-    total = math.sqrt(total_sq)
-    return {
-        "deviation": {"total": total, "relative": total / math.sqrt(ref_sq) if ref_sq > 0 else float("nan"),
-                      "weight_change": math.sqrt(delta_sq),
-                      "weight_change_relative": math.sqrt(delta_sq / base_sq) if base_sq > 0 else float("nan")},
-        "layers": {"names": names, "deviation": dev, "relative": rel, "ndim": ndim},
-    }
+    out["deviation"]["weight_change"] = math.sqrt(delta_sq)
+    out["deviation"]["weight_change_relative"] = math.sqrt(delta_sq / base_sq) if base_sq > 0 else float("nan")
+    return out
 
 
 def _no_deviation() -> dict:

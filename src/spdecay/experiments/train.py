@@ -181,7 +181,7 @@ def train_run(
 
     record = _evaluate_all(model, data, task_model, eval_batch_size)
     acc["elapsed"] += time.perf_counter() - t0
-    record.update(_deviation(model, start_values, task_model))
+    record.update(parameter_deviation(model, start_values))
     record.update(_spd_summary(acc, total_steps))
     record.update(
         run_id=spec.run_id, optimizer=spec.optimizer, seed=spec.seed, hparams=spec.hparams,
@@ -209,7 +209,7 @@ def wise_ft_record(model: nn.Module, spec: RunSpec, base_record: dict, data: Tas
     record = _evaluate_all(merged, data, task_model, eval_batch_size)
     start = {n: p.detach().to(task_model.device) for n, p in task_model.base.named_parameters()
              if p.requires_grad and not task_model.is_head(n)}
-    record.update(_deviation(merged, start, task_model))
+    record.update(parameter_deviation(merged, start))
     record.update(
         run_id=spec.run_id, optimizer=spec.optimizer, seed=spec.seed, hparams=spec.hparams, spd=None,
         steps=base_record["steps"], batch_size=base_record["batch_size"], alpha=alpha,
@@ -324,7 +324,7 @@ def _ood_means(record: dict) -> None:
 
 
 @torch.no_grad()
-def _deviation(model: nn.Module, start: dict[str, torch.Tensor], task_model: TaskModel) -> dict:
+def parameter_deviation(model: nn.Module, start: dict[str, torch.Tensor]) -> dict:
     """||theta - theta0|| per layer and in total over the trained non-head parameters (theta0:
     the pre-trained weights; for LoRA the adapters' initial values)."""
     names, dev, rel, ndim = [], [], [], []

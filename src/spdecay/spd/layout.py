@@ -8,6 +8,7 @@ layout's process group; elements outside every segment (padding) get plain Adam.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,13 @@ class FlatLayout:
         return (self.offsets, self.lengths, self.logical_ids, self.num_logical)
 
 
-def check_layout(param: Tensor, layout: FlatLayout) -> FlatLayout:
-    """Validate ``layout`` for ``param`` (1-D, segments inside it, non-overlapping, ids in
-    range); raises TypeError/ValueError naming the problem."""
+def check_layout(
+    param: Tensor, layout: FlatLayout, param_groups: Sequence[dict[str, Any]], owner: str
+) -> FlatLayout:
+    """Validate ``layout`` for ``param`` (in one of ``param_groups``, 1-D, segments inside it,
+    non-overlapping, ids in range); raises TypeError/ValueError naming the problem."""
+    if not any(param is q for g in param_groups for q in g["params"]):
+        raise ValueError(f"{owner}.set_flat_layout: the tensor is not in any param group")
     if not isinstance(layout, FlatLayout):
         raise TypeError(f"set_flat_layout: expected a FlatLayout, got {type(layout).__name__}")
     if not isinstance(param, Tensor) or is_dtensor(param):
