@@ -16,7 +16,7 @@ __all__ = ["CompareConfig", "RunnerError", "merge_runs", "run_compare"]
 
 def run_compare(config: CompareConfig, out: Path | None = None, **kwargs: Any) -> Path:
     """Run (or with ``resume=True`` continue) the comparison described by ``config`` in ``out``;
-    see :func:`spdecay.experiments.runner.run_compare`. Imports the heavy parts on first call."""
+    see ``spdecay.experiments.runner.run_compare``. Imports the heavy parts on first call."""
     from spdecay.experiments.runner import run_compare as _run
 
     return _run(config, out, **kwargs)
@@ -24,7 +24,7 @@ def run_compare(config: CompareConfig, out: Path | None = None, **kwargs: Any) -
 
 def merge_runs(folders: list[Path], out: Path, **kwargs: Any) -> Path:
     """Combine runs of one study made with different ``--first-seed``; see
-    :func:`spdecay.experiments.runner.merge_runs`."""
+    ``spdecay.experiments.runner.merge_runs``."""
     from spdecay.experiments.runner import merge_runs as _merge
 
     return _merge([Path(f) for f in folders], Path(out), **kwargs)

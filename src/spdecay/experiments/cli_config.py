@@ -1,4 +1,4 @@
-"""Turn command-line options into a validated :class:`CompareConfig` (before anything heavy
+"""Turn command-line options into a validated ``CompareConfig`` (before anything heavy
 is loaded, so bad options fail in well under a second)."""
 
 from __future__ import annotations

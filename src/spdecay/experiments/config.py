@@ -27,7 +27,7 @@ TASKS = ["sentiment", "digits", "custom", "llm"]
 class CompareConfig:
     """Everything that determines the results of ``spdecay compare``.
 
-    ``None`` fields take the preset's defaults for the task (see :mod:`spdecay.experiments.tasks`).
+    ``None`` fields take the preset's defaults for the task (see ``spdecay.experiments.tasks``).
     """
 
     task: str = "sentiment"

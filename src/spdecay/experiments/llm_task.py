@@ -1,7 +1,7 @@
 """`spdecay compare --task llm`: LoRA on SmolLM2-135M-Instruct, the paper's PEFT setting.
 
 The model is trained as an instruction follower (chat prompt with the text, the answer word as
-the target) and classifies by label-word log-likelihood (:mod:`llm_scoring`). Methods:
+the target) and classifies by label-word log-likelihood (``llm_scoring``). Methods:
 
 * ``pretrained``: the untouched model, zero-shot on every set (the reference, always run);
 * ``adamw``: AdamW, decoupled decay of the adapters (towards zero);

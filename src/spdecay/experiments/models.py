@@ -1,6 +1,6 @@
 """Pre-trained models with a new classification head, and how to feed them batches.
 
-A :class:`TaskModel` holds the pre-trained network once per process; ``new_model(seed)`` gives
+A ``TaskModel`` holds the pre-trained network once per process; ``new_model(seed)`` gives
 each run its own copy with a freshly (seeded) initialised head, optionally wrapped with LoRA.
 
 Models are read the way they were trained: a sentence-embedding checkpoint (a folder with

@@ -1,6 +1,6 @@
 """The optimizers the runner compares, built with the same parameter grouping for every method.
 
-The anchored methods take their groups from :func:`spdecay.param_groups` (each group carries
+The anchored methods take their groups from ``spdecay.param_groups`` (each group carries
 ``param_names`` so SPD statistics are reported per named layer):
 
 * backbone weights with a pre-trained value: regularised by the method (AdamW decay, L2-SP
@@ -15,7 +15,7 @@ The anchored methods take their groups from :func:`spdecay.param_groups` (each g
   (``lora_B`` at zero, ``lora_A`` at its random init): a plain pull of ``lora_A`` to zero
   would collapse the adapters (and the model to the majority class).
 
-``lpft`` and ``wise_ft`` use AdamW exactly as ``adamw`` does (see :mod:`train`).
+``lpft`` and ``wise_ft`` use AdamW exactly as ``adamw`` does (see ``train``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class BuiltOptimizer:
 
 
 def _split_params(model: nn.Module, head_patterns: list[str]):
-    """AdamW's groups (the anchored methods use :func:`spdecay.param_groups`)."""
+    """AdamW's groups (the anchored methods use ``spdecay.param_groups``)."""
     head, decay, no_decay, lora = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -75,7 +75,7 @@ def _floats(option: str, text: str) -> list[float]:
 
 def parse_sweeps(items: list[str], optimizers: list[str]) -> dict[str, dict[str, list[float]]]:
     """``weight_decay=0.5,1,2`` (every optimizer), ``adamspd.weight_decay=0.5,1`` (one), or
-    ``default`` (:data:`SWEEP_GRIDS`)."""
+    ``default`` (``SWEEP_GRIDS``)."""
     out: dict[str, dict[str, list[float]]] = {}
     for item in items:
         if item.strip() == "default":

@@ -1,7 +1,7 @@
 """The embedded tasks: their defaults per preset and how to build a task's data and model.
 
-A task is registered by a name in :data:`spdecay.experiments.config.TASKS`, one
-:class:`TaskDefaults` per preset in :data:`PRESET_DEFAULTS` and a builder in :data:`BUILDERS`
+A task is registered by a name in ``spdecay.experiments.config.TASKS``, one
+``TaskDefaults`` per preset in ``PRESET_DEFAULTS`` and a builder in ``BUILDERS``
 (``builder(config, defaults, device) -> (TaskData, TaskModel)``).
 """
 

@@ -7,9 +7,9 @@ function of (seed, epoch), so a run continued from a checkpoint takes exactly th
 one that never stopped.
 
 Reference rows: ``probe`` trains only the head on frozen features (computed once per process),
-``lpft`` freezes the backbone for the first :data:`LP_FRACTION` of the steps (the package's
-:class:`spdecay.LPFT`), ``wise_ft`` interpolates a finished AdamW model with the pre-trained
-weights (the package's :func:`spdecay.interpolate`, alpha :data:`WISE_FT_ALPHA`).
+``lpft`` freezes the backbone for the first ``LP_FRACTION`` of the steps (the package's
+``spdecay.LPFT``), ``wise_ft`` interpolates a finished AdamW model with the pre-trained
+weights (the package's ``spdecay.interpolate``, alpha ``WISE_FT_ALPHA``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ PROBE_EPOCHS = 50  # passes over the cached features (cheap: only a linear head 
 
 def lr_lambda(total_steps: int, schedule: str = "linear") -> Callable[[int], float]:
     """Linear warm-up over the first 10% of steps, then ``linear`` decay to zero (BERT-style),
-    ``cosine`` decay to :data:`COSINE_FLOOR` of the peak, or a ``constant`` rate."""
+    ``cosine`` decay to ``COSINE_FLOOR`` of the peak, or a ``constant`` rate."""
     if schedule not in ("linear", "cosine", "constant"):
         raise ValueError(f"unknown schedule {schedule!r}")
     warmup = max(1, int(WARMUP_FRACTION * total_steps))

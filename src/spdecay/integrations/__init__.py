@@ -1,7 +1,7 @@
 """Optional integrations (import the submodule you need; each imports its framework lazily).
 
-* :mod:`spdecay.integrations.hf`: Hugging Face ``Trainer`` (optimizer factory, stats callback).
-* :mod:`spdecay.integrations.lightning`: Lightning (stats callback).
-* :mod:`spdecay.integrations.deepspeed`: DeepSpeed ZeRO 1/2/3 (``attach(engine)``: per-layer SPD
+* ``spdecay.integrations.hf``: Hugging Face ``Trainer`` (optimizer factory, stats callback).
+* ``spdecay.integrations.lightning``: Lightning (stats callback).
+* ``spdecay.integrations.deepspeed``: DeepSpeed ZeRO 1/2/3 (``attach(engine)``: per-layer SPD
   on flat partitions; ``attach_to_trainer(trainer)`` for the HF Trainer).
 """

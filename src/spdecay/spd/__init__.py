@@ -1,11 +1,11 @@
 """The SPD core: one decision, one projection, one driver, backends that only do Adam and sums.
 
-* :mod:`.decision`: ``spd_ratio`` (the rule) and ``project_`` (its projection, torch form);
-* :mod:`.driver`: ``PartialStep`` (what a backend returns) and ``finish`` (reduce, decide,
+* ``decision``: ``spd_ratio`` (the rule) and ``project_`` (its projection, torch form);
+* ``driver``: ``PartialStep`` (what a backend returns) and ``finish`` (reduce, decide,
   project, stats);
-* :mod:`.plan`: which backend steps each tensor;
-* :mod:`.backends`: the Adam update plus per-tensor sums (reference, multi-tensor, C, Triton);
-* :mod:`.layout`, :mod:`.engines`, :mod:`.reduce`: flat engine partitions, engine checks and
+* ``plan``: which backend steps each tensor;
+* ``backends``: the Adam update plus per-tensor sums (reference, multi-tensor, C, Triton);
+* ``layout``, ``engines``, ``reduce``: flat engine partitions, engine checks and
   sums over shards.
 """
 

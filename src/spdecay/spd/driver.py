@@ -1,9 +1,9 @@
 """The driver between backends and the rule: reduce all sums once, decide, project, stats.
 
-A backend's phase 1 applies the Adam update in place and returns a :class:`PartialStep`: the
+A backend's phase 1 applies the Adam update in place and returns a ``PartialStep``: the
 local per-column sums ``[<g, p - p0>, ||p - p0||^2, growth]`` (float64, ``[3, n]``) and a
-projector. :func:`finish` takes the partial steps of all param groups, reduces their sums over
-shards in one go, takes the one decision (:func:`~spdecay.spd.decision.spd_ratio`) and hands
+projector. ``finish`` takes the partial steps of all param groups, reduces their sums over
+shards in one go, takes the one decision (``spdecay.spd.decision.spd_ratio``) and hands
 each projector its coefficients.
 """
 
@@ -47,7 +47,7 @@ class Decisions(NamedTuple):
 
 
 def finish(partials: list[PartialStep], found_inf: Tensor | None = None) -> list[Decisions]:
-    """Reduce, decide and project every partial step; one :class:`Decisions` per partial.
+    """Reduce, decide and project every partial step; one ``Decisions`` per partial.
 
     ``found_inf`` (a fused optimizer's skipped step under GradScaler) masks every projection."""
     out: list[Decisions | None] = [None] * len(partials)

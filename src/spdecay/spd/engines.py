@@ -3,7 +3,7 @@
 DeepSpeed ZeRO-1/2 replaces each group's tensors by flat partitions after the optimizer was
 built. SPD would then take every decision on a whole flat buffer (many layers at once): a
 silent change of the algorithm. The optimizer records each group's shapes at construction and
-refuses to step a changed group whose tensors carry no :class:`~spdecay.spd.FlatLayout`.
+refuses to step a changed group whose tensors carry no ``spdecay.spd.FlatLayout``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 * ``foreach=False``: the readable reference backend;
 * otherwise: the multi-tensor backend.
 
-:func:`preflight` raises (missing compiler, missing Triton, unsupported device) before a step
+``preflight`` raises (missing compiler, missing Triton, unsupported device) before a step
 changes anything.
 """
 

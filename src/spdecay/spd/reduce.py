@@ -5,7 +5,7 @@ SPD decides per *logical* tensor, so the per-tensor partial sums computed on loc
 pieces of each tensor before the decision; otherwise each rank decides on its own shard and the
 ranks' copies of one layer follow different rules.
 
-:func:`reduce_partial_sums` does this with one all-reduce for all columns of a call in the usual
+``reduce_partial_sums`` does this with one all-reduce for all columns of a call in the usual
 cases (one 1-D mesh, or meshes that span the whole world): a column's local sum enters the
 collective with weight 1 on mesh dimensions where its tensor is sharded and only from mesh
 coordinate 0 on dimensions where it is replicated, so a single sum over all ranks counts every
@@ -43,7 +43,7 @@ def reduce_columns(sums: Tensor, sources: Sequence[Any]) -> Tensor:
     """Whole-tensor sums for the columns of ``sums`` ([k, n], float64).
 
     ``sources[j]`` says where column ``j`` came from: a Tensor (a plain tensor: already whole; a
-    DTensor: reduced over its mesh as :func:`reduce_partial_sums` does) or a FlatLayout (a
+    DTensor: reduced over its mesh as ``reduce_partial_sums`` does) or a FlatLayout (a
     logical tensor of a flat engine partition: summed over the layout's process group, one
     all-reduce per group for all its columns)."""
     flat = [j for j, s in enumerate(sources) if isinstance(s, FlatLayout)]

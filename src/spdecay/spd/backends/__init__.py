@@ -2,5 +2,5 @@
 
 Each module offers ``adam_and_sums(lists: TensorLists, hyper: AdamHyper) -> PartialStep | None``
 (None where ``hyper.spd`` is False: plain Adam/AdamW, nothing to decide) and, for the add-on,
-``measure``/``projector``. :mod:`spdecay.spd.plan` decides which backend takes which tensor.
+``measure``/``projector``. ``spdecay.spd.plan`` decides which backend takes which tensor.
 """

@@ -6,7 +6,7 @@ C compiler exists the CPU default falls back to the multi-tensor backend (``fuse
 Phase 1 reads ``g, m, v, p, p0`` and writes ``m, v, p`` once per element while it accumulates
 the three per-tensor sums; phase 2 rewrites only the tensors whose condition fired. That is the
 two-pass floor of SPD (it needs a reduction over each whole tensor before it can project). The
-decision between the passes is taken by the shared torch code (:func:`spd_ratio`, after the
+decision between the passes is taken by the shared torch code (``spd_ratio``, after the
 all-reduce of sharded sums), so this path has the semantics, stats and DTensor support of the
 multi-tensor path. Tensors the kernel does not cover (other dtypes, non-contiguous layouts,
 moments in another dtype than the parameter) go through the multi-tensor path in the same call.
@@ -292,7 +292,7 @@ def _partitions(lists: TensorLists, spd: bool) -> list[list[int]]:
 
 
 def adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
-    """Phase 1 in C (tensors that :func:`covers` accepts), one call per dtype and anchor kind."""
+    """Phase 1 in C (tensors that ``covers`` accepts), one call per dtype and anchor kind."""
     library()  # build (or load) first: a missing compiler is reported before any state changes
     sums, projectors, sources, columns = [], [], [], []
     for idx in _partitions(lists, h.spd):
@@ -344,7 +344,7 @@ def measure(params: list[Tensor], anchors: list[Tensor | None], grads: list[Tens
             layouts: list[FlatLayout | None]) -> Tensor:
     """The add-on's per-column sums in one pass: [<g, p - p0>, ||p - p0||^2], shape [2, n]
     float64 (row 0 is 0 without grads), p - p0 taken in double. Tensors as
-    :func:`addon_covers` accepts."""
+    ``addon_covers`` accepts."""
     call = _Call(params, anchors, True, layouts)
     if grads is not None:
         call.pointers("grads", grads)
@@ -364,7 +364,7 @@ def project(params: list[Tensor], anchors: list[Tensor | None], coef: Tensor,
 
 def addon_covers(params: list[Tensor], anchors: list[Tensor | None],
                  grads: list[Tensor] | None) -> bool:
-    """Whether :func:`measure` and :func:`project` take these tensors: CPU, one float32/float64
+    """Whether ``measure`` and ``project`` take these tensors: CPU, one float32/float64
     (or complex) dtype, contiguous, gradients in that dtype, anchors all None or all of one
     kind (the parameter's dtype, bfloat16, or float32 for float64)."""
     if not params:

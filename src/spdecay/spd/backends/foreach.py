@@ -7,7 +7,7 @@ Every tensor is cut into *pieces* that the same code steps with ``torch._foreach
 * on CPU, large tensors are walked in cache-sized slices, every op applied to one slice before
   the next (one op per whole tensor would stream each buffer from memory again and again);
 * on other devices, whole tensors in batches of about ``_CHUNK_NUMEL`` elements;
-* a flat engine partition with a :class:`~spdecay.spd.FlatLayout` is sliced like a large tensor,
+* a flat engine partition with a ``spdecay.spd.FlatLayout`` is sliced like a large tensor,
   its sums taken per segment and scattered to the logical tensors (padding gets plain Adam).
 """
 

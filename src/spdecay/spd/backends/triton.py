@@ -9,7 +9,7 @@ param group at once:
    [3, n_chunks] buffer (no atomics: deterministic);
 2. ``_reduce``: one program per tensor sums its chunks in float64 (and increments its step
    count); the driver reduces the sums over shards and takes the decision
-   (:func:`spdecay.spd.decision.spd_ratio`);
+   (``spdecay.spd.decision.spd_ratio``);
 3. ``_pass2`` (the projector): ``p += coef * (p0 - p)``; chunks of tensors whose condition did
    not fire return at once, so pass 2 only costs bandwidth where SPD acts.
 
@@ -426,7 +426,7 @@ def _get_plan(cols, state_steps, *, sharded: bool, spd: bool, amsgrad: bool, max
 
 
 def adam_and_sums(lists: TensorLists, h: AdamHyper) -> PartialStep | None:
-    """Triton phase 1 for tensors :func:`covers` accepts. Always capturable: step counts and a
+    """Triton phase 1 for tensors ``covers`` accepts. Always capturable: step counts and a
     device ``lr`` are read by the kernels, buffers are persistent per set of tensors."""
     if not HAS_TRITON:
         raise RuntimeError("AdamSPD(fused=True) on this device needs Triton: pip install triton")
