@@ -67,6 +67,7 @@ def test_reference_rows_and_presets():
     assert default.optimizers == ["adamw", "l2sp", "adamspd", "probe", "wise_ft"] and default.seeds == 1
     evidence = config_from_options(**opts | {"preset": "evidence"})
     assert evidence.preset == "evidence" and evidence.seeds == 3
+    assert evidence.optimizers == ["adamw", "l2sp", "adamspd", "probe", "wise_ft", "lpft"]
     from spdecay.experiments.runner import default_lrs
     from spdecay.experiments.tasks import task_defaults
 
