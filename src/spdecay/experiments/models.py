@@ -42,6 +42,7 @@ class TaskModel:
         self.lora_rank = lora_rank
         self.unused: list[str] = []  # parameters the forward pass never reads (frozen)
         self.reading = "the model's own classification head"  # how features reach the head
+        self.name = ""  # the checkpoint's name, where the task knows it (shown in the report)
         self._features: dict[int, Tensor] = {}
 
     def freeze_unused(self) -> list[str]:

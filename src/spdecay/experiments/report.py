@@ -162,6 +162,8 @@ def write_report(out: Path, config: CompareConfig, records: list[dict], data_not
         "- Balanced accuracy (mean recall over the classes) is the headline for validation, ID test and every OOD "
         "set; plain accuracy is a secondary column (OOD sets can be imbalanced).",
     ]
+    if notes.get("model_name"):
+        lines.append(f"- Model: `{notes['model_name']}`.")
     if notes.get("model_reading"):
         lines.append(f"- The model is read through {notes['model_reading']}.")
     if notes.get("unused_weights"):

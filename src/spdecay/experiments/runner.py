@@ -140,7 +140,7 @@ def run_compare(
         total = total_steps_for(len(data.train), batch_size, steps, epochs)
         schedule = config.schedule or d.schedule
         notes = {"dropped_rows": dict(getattr(data, "dropped", {}) or {}),
-                 "model_reading": task_model.reading, "unused_weights": list(task_model.unused)}
+                 "model_reading": task_model.reading, "model_name": task_model.name, "unused_weights": list(task_model.unused)}
         atomic_write_text(notes_file, json.dumps(notes, indent=2))
         log(
             f"data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}"
@@ -149,6 +149,8 @@ def run_compare(
         )
         for what, n in notes["dropped_rows"].items():
             log(f"data: {what}: {n} rows with a missing text or label were skipped")
+        if task_model.name:
+            log(f"model: {task_model.name}, read through {task_model.reading}")
         if task_model.unused:
             log(f"model: {len(task_model.unused)} weights the forward pass never uses are frozen "
                 f"({', '.join(task_model.unused[:4])}{', ...' if len(task_model.unused) > 4 else ''})")

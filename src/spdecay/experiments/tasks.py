@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from spdecay.experiments.config import CompareConfig
+from spdecay.experiments.config import BACKBONES, CompareConfig
 from spdecay.experiments.data import TaskData
 from spdecay.experiments.errors import RunnerError
 from spdecay.experiments.models import TaskModel
@@ -120,8 +120,15 @@ def _build_sentiment(config: CompareConfig, d: TaskDefaults, device) -> tuple[Ta
     from spdecay.experiments.models import load_hf_text, minilm_path
 
     data = load_sentiment(d.train, d.val, d.test, d.ood)
-    model = load_hf_text(minilm_path(), len(data.classes), config.max_length or d.max_length, device,
+    if config.backbone == "mpnet":
+        from spdecay.experiments.split_model import mpnet_path
+
+        path = mpnet_path()
+    else:
+        path = minilm_path()
+    model = load_hf_text(path, len(data.classes), config.max_length or d.max_length, device,
                          config.lora_rank, "model")
+    model.name = BACKBONES[config.backbone or "minilm"]
     return data, model
 
 
