@@ -170,6 +170,10 @@ def write_report(out: Path, config: CompareConfig, records: list[dict], data_not
         unused = notes["unused_weights"]
         lines.append(f"- {len(unused)} weights the forward pass never uses are frozen (not trained, anchored or "
                      f"counted): {', '.join(f'`{u}`' for u in unused[:6])}{', ...' if len(unused) > 6 else ''}.")
+    if notes.get("batch_norm_layers"):
+        lines.append(f"- The running statistics of the {notes['batch_norm_layers']} BatchNorm layers are re-estimated on the "
+                     "ID training set for every fine-tuned and WiSE-FT model before evaluation (stale statistics "
+                     "would otherwise dominate the scores); the probe's frozen backbone keeps the checkpoint's.")
     for source, n in (notes.get("dropped_rows") or {}).items():
         lines.append(f"- {source}: {n} rows with a missing text or label were skipped.")
     lines += ["", "## Comparison (balanced accuracy first; mean ± std over seeds)", "", table, "",

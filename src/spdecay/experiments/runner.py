@@ -127,6 +127,7 @@ def run_compare(
     notes: dict = json.loads(notes_file.read_text()) if notes_file.is_file() else {}
     if todo:
         data, task_model = build_task(config, device)
+        from spdecay.experiments.batch_norm import batch_norm_layers
         from spdecay.experiments.train import (
             total_steps_for,
             train_probe,
@@ -140,7 +141,8 @@ def run_compare(
         total = total_steps_for(len(data.train), batch_size, steps, epochs)
         schedule = config.schedule or d.schedule
         notes = {"dropped_rows": dict(getattr(data, "dropped", {}) or {}),
-                 "model_reading": task_model.reading, "model_name": task_model.name, "unused_weights": list(task_model.unused)}
+                 "model_reading": task_model.reading, "model_name": task_model.name, "unused_weights": list(task_model.unused),
+                 "batch_norm_layers": len(batch_norm_layers(task_model.base))}
         atomic_write_text(notes_file, json.dumps(notes, indent=2))
         log(
             f"data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}"

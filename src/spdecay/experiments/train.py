@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spdecay.experiments.batch_norm import reestimate_batch_norm
 from spdecay.experiments.data import TaskData
 from spdecay.experiments.errors import RunnerError
 from spdecay.experiments.evaluate import accuracy_metrics, evaluate
@@ -179,7 +180,9 @@ def train_run(
     if bar is not None:
         bar.close()
 
+    n_norm = reestimate_batch_norm(model, task_model, data.train, eval_batch_size)
     record = _evaluate_all(model, data, task_model, eval_batch_size)
+    record["batch_norm_reestimated"] = n_norm
     acc["elapsed"] += time.perf_counter() - t0
     record.update(parameter_deviation(model, start_values))
     record.update(_spd_summary(acc, total_steps))
@@ -206,7 +209,10 @@ def wise_ft_record(model: nn.Module, spec: RunSpec, base_record: dict, data: Tas
     merged = _merged(model)
     pre = {k: v for k, v in task_model.base.state_dict().items() if not task_model.is_head(k)}
     merged.load_state_dict(interpolate(pre, merged.state_dict(), alpha, strict=False))
+    # Interpolated weights have no matching BatchNorm statistics (neither model's are right).
+    n_norm = reestimate_batch_norm(merged, task_model, data.train, eval_batch_size)
     record = _evaluate_all(merged, data, task_model, eval_batch_size)
+    record["batch_norm_reestimated"] = n_norm
     start = {n: p.detach().to(task_model.device) for n, p in task_model.base.named_parameters()
              if p.requires_grad and not task_model.is_head(n)}
     record.update(parameter_deviation(merged, start))
