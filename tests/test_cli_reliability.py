@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import one_line_error
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError
@@ -22,15 +23,6 @@ from spdecay.cli import app  # noqa: E402
 runner = typer_testing.CliRunner()
 
 
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.strip().splitlines() if line.startswith("spdecay: error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
 def test_fresh_run_refuses_a_folder_with_checkpoints_of_another_configuration(tmp_path):
     # A crashed run left config.json and a checkpoint, no results: a fresh run under other
     # settings must not continue from it.
@@ -38,7 +30,7 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_of_another_configuration(tm
     (tmp_path / "checkpoints" / "adamw-seed0-wd0.01-lr0.0001.pt").write_bytes(b"stale")
     (tmp_path / "config.json").write_text(CompareConfig(quick=True, seeds=1, lr={"adamw": 1e-3}).to_json())
     result = runner.invoke(app, ["compare", "--quick", "--no-progress", "--out", str(tmp_path)])
-    _one_line_error(result, "--out", "checkpoints of an unfinished run", "other settings")
+    one_line_error(result, "--out", "checkpoints of an unfinished run", "other settings")
     assert (tmp_path / "checkpoints" / "adamw-seed0-wd0.01-lr0.0001.pt").read_bytes() == b"stale"
 
 
@@ -74,12 +66,12 @@ def test_config_fingerprint_changes_with_every_setting():
 
 
 @pytest.mark.parametrize("under", [False, True])
-def test_out_naming_a_file_is_a_one_line_error(tmp_path, under):
+def test_out_naming_a_file_is_aone_line_error(tmp_path, under):
     target = tmp_path / "taken.txt"
     target.write_text("x")
     out = target / "run" if under else target
     result = runner.invoke(app, ["compare", "--quick", "--no-progress", "--out", str(out)])
-    _one_line_error(result, "--out", "file")
+    one_line_error(result, "--out", "file")
 
 
 def test_resume_refuses_options_it_would_ignore(tmp_path, monkeypatch):
@@ -89,7 +81,7 @@ def test_resume_refuses_options_it_would_ignore(tmp_path, monkeypatch):
     monkeypatch.setattr(runner_mod, "run_compare", lambda config, out, **kwargs: calls.append(kwargs))
     (tmp_path / "config.json").write_text(CompareConfig(quick=True).to_json())
     result = runner.invoke(app, ["compare", "--resume", "--out", str(tmp_path), "--seeds", "3", "--lr", "1e-3"])
-    line = _one_line_error(result, "--resume", "--seeds", "--lr", "ignored")
+    line = one_line_error(result, "--resume", "--seeds", "--lr", "ignored")
     assert "--out" not in line.split("ignored")[0].split("settings;")[1]
     assert not calls
     # Options that do not change the results are accepted.
@@ -114,7 +106,7 @@ def test_threads_follow_omp_num_threads_and_the_option(monkeypatch):
 
 
 def test_threads_option_must_be_positive(tmp_path):
-    _one_line_error(runner.invoke(app, ["compare", "--threads", "0", "--out", str(tmp_path / "o")]), "--threads")
+    one_line_error(runner.invoke(app, ["compare", "--threads", "0", "--out", str(tmp_path / "o")]), "--threads")
 
 
 def test_csv_rows_with_a_missing_text_or_label_are_counted(tmp_path):

