@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -201,3 +202,34 @@ def test_common_runner_and_cli_dispatch_the_llm_task(tiny_world, tmp_path):
     assert {r["optimizer"] for r in records} == {"pretrained", "probe", "adamw", "wise_ft", "l2sp", "adamspd"}
     assert json.loads((out / "config.json").read_text())["task"] == "llm"
     assert (out / "report.md").is_file() and (out / "id_vs_ood.png").is_file()
+
+
+def test_merge_runs_combines_llm_folders_like_one_run(tiny_world, tmp_path):
+    # Bug: merge_runs sorted records by method and failed on the llm task's "pretrained" row.
+    from spdecay.experiments.runner import merge_runs
+
+    quiet = dict(progress=False, log=lambda s: None)
+    one = llm_task.run_llm_compare(quick_config(steps=2, seeds=2), tmp_path / "one", **quiet)
+    parts = [llm_task.run_llm_compare(quick_config(steps=2, seeds=1, first_seed=k), tmp_path / f"s{k}", **quiet)
+             for k in (0, 1)]
+    merged = merge_runs(parts, tmp_path / "merged", log=lambda s: None, note="Split over two processes.")
+
+    def rows(folder):
+        records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        return sorted((r["run_id"], r["test"]["balanced_accuracy"], r["ood"][RETENTION_SET]["balanced_accuracy"])
+                      for r in records)
+
+    assert rows(merged) == rows(one)
+    report = (merged / "report.md").read_text()
+    assert "Split over two processes." in report and "BBC before → after" in report
+
+    def section(text, start, end):
+        return text[text.index(start):text.index(end)]
+
+    # The single process also states its own wall time; the merge has none to state.
+    expected = "\n".join(line for line in (one / "report.md").read_text().split("\n")
+                          if not line.startswith("Wall time of this invocation"))
+    report, expected = (re.sub(r"\n{3,}", "\n\n", text) for text in (report, expected))
+    for start, end in (("## LLM: balanced accuracy", "## Paired differences"),
+                       ("## Paired differences", "## What each method regularises")):
+        assert section(report, start, end) == section(expected, start, end)

@@ -177,7 +177,7 @@ change s·B·A relative to the weights it modifies.
 
 
 def write_llm_report(out: Path, config: CompareConfig, records: list[dict], *, log=print,
-                     total_s: float | None = None, notes: dict | None = None) -> str:
+                     total_s: float | None = None, notes: dict | None = None, note: str | None = None) -> str:
     """The runner's report (protocol, comparison, paired differences, plots) with the llm
     section (forgetting) after its comparison; a complete llm-only report if the common one
     cannot take these records."""
@@ -189,7 +189,7 @@ def write_llm_report(out: Path, config: CompareConfig, records: list[dict], *, l
     try:
         from spdecay.experiments.report import write_report
 
-        write_report(out, config, common, data_notes=notes, statement=statement(config))
+        write_report(out, config, common, data_notes=notes, statement=statement(config), note=note)
         base = (out / "report.md").read_text()
         marker = "## Paired differences"
         at = base.find(marker)
@@ -199,7 +199,7 @@ def write_llm_report(out: Path, config: CompareConfig, records: list[dict], *, l
             "writing the llm report alone")
         paired_table, sentences = paired_section(best)
         regs = _table(["method", "what it regularises"], [[NAMES.get(n, n), REGULARISES.get(n, "-")] for n in best])
-        text = (f"# spdecay compare: task `llm`\n\n{statement(config)}\n\n{section}\n"
+        text = (f"# spdecay compare: task `llm`\n\n{statement(config)}\n\n" + (f"{note}\n\n" if note else "") + f"{section}\n"
                 f"## Paired differences against AdamW (per seed; mean [95% t-interval] when ≥ 2 seeds)\n\n"
                 f"{paired_table}\n\n" + "\n".join("- " + x for x in sentences)
                 + f"\n\n## What each method regularises\n\n{regs}\n")

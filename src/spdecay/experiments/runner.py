@@ -250,7 +250,9 @@ def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lamb
                 records.append(r)
     methods = {n for c in configs for n in c.optimizers}
     order = [n for n in OPTIMIZERS if n in methods]
-    records.sort(key=lambda r: (r["seed"], order.index(r["optimizer"])))
+    # The llm task also records the untouched pre-trained model ("pretrained") in every folder.
+    rank = {"pretrained": -1} | {n: i for i, n in enumerate(order)}
+    records.sort(key=lambda r: (r["seed"], rank.get(r["optimizer"], len(rank))))
     seeds = sorted({r["seed"] for r in records})
     config = dataclasses.replace(configs[0], first_seed=seeds[0] if seeds else 0, seeds=len(seeds), optimizers=order)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +262,11 @@ def merge_runs(folders: list[Path], out: Path, log: Callable[[str], None] = lamb
     notes = json.loads(notes_file.read_text()) if notes_file.is_file() else {}
     if notes:
         atomic_write_text(out / "run_notes.json", json.dumps(notes, indent=2))
+    if config.task == "llm":  # its own report: the forgetting section beside the common one
+        from spdecay.experiments.llm_report import write_llm_report
+
+        write_llm_report(out, config, records, log=log, notes=notes, note=note)
+        return out
     from spdecay.experiments.report import write_report
 
     write_report(out, config, records, data_notes=notes, note=note)
