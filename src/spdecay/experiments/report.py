@@ -15,7 +15,7 @@ from spdecay.experiments.protocol import select
 from spdecay.experiments.results_io import atomic_write_text
 
 LABELS = {"adamw": "AdamW", "l2sp": "Adam L2-SP", "adamspd": "AdamSPD", "sgdspd": "SGD + SPD",
-          "probe": "linear probe", "wise_ft": "WiSE-FT", "lpft": "LP-FT"}
+          "probe": "linear probe", "wise_ft": "WiSE-FT", "lpft": "LP-FT", "pretrained": "the pre-trained model (zero-shot)"}
 # What each method regularises (and towards what); "strength" is its swept weight_decay.
 REGULARISES = {
     "adamw": ("decoupled weight decay of backbone weight matrices and the head towards **zero** "
