@@ -96,13 +96,13 @@ def test_fine_tuned_and_wise_ft_models_are_evaluated_with_their_own_statistics(t
           for k, v in tm.base.state_dict().items()}
     sd.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
     merged.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-    reference = train_module_eval(merged, tm, data)
+    reference = _accuracy_with_own_statistics(merged, tm, data)
     mean, var = _expected_stats(merged, tm, data.train, 32)
     torch.testing.assert_close(merged.bn.running_mean, mean)
     assert abs(wise["test"]["accuracy"] - reference) < 1e-9
 
 
-def train_module_eval(model, tm, data):
+def _accuracy_with_own_statistics(model, tm, data):
     reestimate_batch_norm(model, tm, data.train, 32)
     model.eval()
     with torch.no_grad():
