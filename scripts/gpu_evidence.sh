@@ -9,7 +9,7 @@ SPDECAY_WITH_MPNET=1 bash scripts/setup.sh
 DEST=${OUT:-runs}/gpu-evidence
 mkdir -p "$DEST"
 nvidia-smi > "$DEST/nvidia-smi.txt" 2>&1 || true
-.venv/bin/python -m pytest -q -m "" tests/test_cuda_triton.py > "$DEST/cuda-tests.txt" 2>&1 || true
+.venv/bin/python -m pytest -q -m "" tests/core/test_cuda_triton.py > "$DEST/cuda-tests.txt" 2>&1 || true
 /usr/bin/time -v .venv/bin/spdecay compare --preset evidence --device cuda --backbone mpnet \
   --out "$DEST/mpnet" --no-progress "$@" > "$DEST/mpnet.log" 2>&1
 .venv/bin/python benchmarks/gpu_step_time.py > "$DEST/gpu_step_time.txt" 2>&1 || true

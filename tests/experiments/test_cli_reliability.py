@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import one_line_error
+from tests.helpers.cli import one_line_error
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError

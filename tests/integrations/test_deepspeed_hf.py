@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~1 min; tests/test_deepspeed.py covers attach
-ROOT = Path(__file__).parents[1]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~1 min; tests/integrations/test_deepspeed.py covers attach
+ROOT = Path(__file__).parents[2]
 
 
 def test_hf_trainer_zero2_matches_one_process_without_deepspeed():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 L = pytest.importorskip("lightning")
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 
 from spdecay import AdamSPD, param_groups  # noqa: E402
 from spdecay.integrations.lightning import SPDStatsLogger  # noqa: E402

@@ -1,6 +1,6 @@
 """AdamSPD and the SPD add-on across processes (gloo on CPU, float64): FSDP2 and DDP trajectories
 equal the single-process run; the naive per-shard rule does not; checkpoints saved with 2
-processes resume with 3. The work runs in tests/_dist_worker.py (one launch per process count,
+processes resume with 3. The work runs in tests/helpers/dist_worker.py (one launch per process count,
 shared by all tests here); here we assert on its numbers."""
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _dist_worker  # noqa: E402
+from tests.helpers import dist_worker as _dist_worker  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -1,4 +1,4 @@
-"""Distributed checks for tests/test_distributed.py, run in each process by
+"""Distributed checks for tests/integrations/test_distributed.py, run in each process by
 torch.multiprocessing.spawn (gloo, CPU).
 
 Every check trains a tiny float64 transformer-like model for 20 steps and compares the gathered
@@ -6,7 +6,7 @@ parameters with a single-process run on the same global batches. Rank 0 writes t
 numbers to ``<out>/results_<world>.json``; the test asserts on them. Run this file directly to
 print the table of max differences of README's "Distributed" section:
 
-    .venv/bin/python tests/_dist_worker.py
+    .venv/bin/python -m tests.helpers.dist_worker
 """
 
 from __future__ import annotations

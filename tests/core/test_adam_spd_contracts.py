@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import SHAPES, grad_stream, make_params, run, set_grads
+from tests.helpers.optim import SHAPES, grad_stream, make_params, run, set_grads
 
 from spdecay import AdamL2SP, AdamSPD, SelectiveProjectionDecay, SPDStats
 from spdecay.integrations._common import RunningSPDStats, find_stats_source
@@ -272,7 +272,7 @@ def test_the_package_has_no_import_cycle():
     import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "src" / "spdecay"
+    root = Path(__file__).resolve().parents[2] / "src" / "spdecay"
     mods = {".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): f
             for f in root.rglob("*.py")}
     graph: dict[str, set[str]] = {m: set() for m in mods}

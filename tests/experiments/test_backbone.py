@@ -7,7 +7,7 @@ import zipfile
 from importlib import metadata
 
 import pytest
-from conftest import one_line_error
+from tests.helpers.cli import one_line_error
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import SHAPES, make_params, set_grads
+from tests.helpers.optim import SHAPES, make_params, set_grads
 
 from spdecay import AdamL2SP
 

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO checks for tests/test_deepspeed.py, run in each process by
+"""DeepSpeed ZeRO checks for tests/integrations/test_deepspeed.py, run in each process by
 torch.multiprocessing.spawn (gloo, CPU, float32).
 
 Every check trains a small model of several tensors for 12 steps through a DeepSpeed engine and
@@ -6,7 +6,7 @@ compares the parameters with a single-process run on the same global batches. Ra
 measured numbers to ``<out>/ds_results_<world>.json``; the test asserts on them. Run this file
 directly to print the table of max differences (docs, /work/notes/deepspeed.md):
 
-    .venv/bin/python tests/_ds_worker.py
+    .venv/bin/python -m tests.helpers.ds_worker
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from spdecay import AdamSPD, param_groups
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from _llm_tiny import tiny_llama  # noqa: E402
+from tests.helpers.llm_tiny import tiny_llama  # noqa: E402
 
 
 def lora_causal_lm(modules_to_save=None):

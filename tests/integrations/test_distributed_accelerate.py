@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def test_accelerate_fsdp2_three_processes_match_one():

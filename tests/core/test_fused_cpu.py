@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_params
-from reference import ReferenceAdamSPD
+from tests.helpers.optim import make_params
+from tests.helpers.reference import ReferenceAdamSPD
 
 import spdecay.spd.backends.cpu as FC
 from spdecay import AdamL2SP, AdamSPD

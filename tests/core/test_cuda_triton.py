@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from reference import ReferenceAdamSPD
+from tests.helpers.reference import ReferenceAdamSPD
 
 from spdecay import AdamSPD
 from spdecay.spd.backends import foreach as MT

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import SHAPES, clone_params, grad_stream, make_params, set_grads
+from tests.helpers.optim import SHAPES, clone_params, grad_stream, make_params, set_grads
 
 from spdecay import AdamSPD, SelectiveProjectionDecay
 

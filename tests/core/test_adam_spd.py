@@ -7,8 +7,8 @@ import io
 
 import pytest
 import torch
-from conftest import SHAPES, grad_stream, make_params, run
-from reference import ReferenceAdamSPD
+from tests.helpers.optim import SHAPES, grad_stream, make_params, run
+from tests.helpers.reference import ReferenceAdamSPD
 
 from spdecay import AdamSPD
 

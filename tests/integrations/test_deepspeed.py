@@ -2,7 +2,7 @@
 CPU, float32): with spdecay.integrations.deepspeed.attach(engine) the trajectory equals the
 single-process run, decision by decision; without it the first step is refused; DeepSpeed's own
 checkpoints resume exactly; offload is refused by attach. The work runs in
-tests/_ds_worker.py (one launch per process count, every case inside); here we assert on its
+tests/helpers/ds_worker.py (one launch per process count, every case inside); here we assert on its
 numbers."""
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _ds_worker  # noqa: E402
+from tests.helpers import ds_worker as _ds_worker  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from _llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tests.helpers.llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 from spdecay.experiments.errors import RunnerError  # noqa: E402
 from spdecay.experiments.llm_scoring import (  # noqa: E402

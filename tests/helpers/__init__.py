@@ -1,0 +1,1 @@
+"""Test helpers: import them as ``from tests.helpers.optim import make_params``."""
