@@ -7,10 +7,10 @@ import io
 
 import pytest
 import torch
-from tests.helpers.optim import SHAPES, grad_stream, make_params, run
-from tests.helpers.reference import ReferenceAdamSPD
 
 from spdecay import AdamSPD
+from tests.helpers.optim import SHAPES, grad_stream, make_params, run
+from tests.helpers.reference import ReferenceAdamSPD
 
 PATHS = [pytest.param(False, id="single"), pytest.param(True, id="foreach"),
          pytest.param("fused", id="fused")]

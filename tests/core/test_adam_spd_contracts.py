@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
-from tests.helpers.optim import SHAPES, grad_stream, make_params, run, set_grads
 
 from spdecay import AdamL2SP, AdamSPD, SelectiveProjectionDecay, SPDStats
 from spdecay.integrations._common import RunningSPDStats, find_stats_source
+from tests.helpers.optim import SHAPES, grad_stream, make_params, run, set_grads
 
 # ------------------------------------------------------------------ validate before mutate
 

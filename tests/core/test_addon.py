@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
-from tests.helpers.optim import SHAPES, clone_params, grad_stream, make_params, set_grads
 
 from spdecay import AdamSPD, SelectiveProjectionDecay
+from tests.helpers.optim import SHAPES, clone_params, grad_stream, make_params, set_grads
 
 
 @pytest.fixture(params=["whole", "sliced", "kernel"])

@@ -12,13 +12,13 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from tests.helpers.reference import ReferenceAdamSPD
 
 from spdecay import AdamSPD
 from spdecay.spd.backends import foreach as MT
 from spdecay.spd.backends import reference as REF
 from spdecay.spd.driver import finish
 from spdecay.spd.work import AdamHyper, TensorLists
+from tests.helpers.reference import ReferenceAdamSPD
 
 triton = pytest.importorskip("triton")
 from spdecay.spd.backends import triton as T  # noqa: E402  (after the skip: needs triton)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers.optim import make_params
-from tests.helpers.reference import ReferenceAdamSPD
 
 import spdecay.spd.backends.cpu as FC
 from spdecay import AdamL2SP, AdamSPD
+from tests.helpers.optim import make_params
+from tests.helpers.reference import ReferenceAdamSPD
 
 # Sizes around the kernel's work items (65,536 elements) and its serial threshold (131,072).
 SHAPES = [(), (3,), (7, 5), (65_537,), (300, 500)]

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from tests.helpers.optim import SHAPES, make_params, set_grads
 
 from spdecay import AdamL2SP
+from tests.helpers.optim import SHAPES, make_params, set_grads
 
 PATHS = [pytest.param(False, id="single"), pytest.param(True, id="foreach")]
 

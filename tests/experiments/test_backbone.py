@@ -7,11 +7,11 @@ import zipfile
 from importlib import metadata
 
 import pytest
-from tests.helpers.cli import one_line_error
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError
 from spdecay.experiments.split_model import MPNET_PARTS, join_split_zip, mpnet_path, part_files
+from tests.helpers.cli import one_line_error
 
 typer_testing = pytest.importorskip("typer.testing")
 

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-from tests.helpers.cli import one_line_error
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError
+from tests.helpers.cli import one_line_error
 
 typer_testing = pytest.importorskip("typer.testing")
 

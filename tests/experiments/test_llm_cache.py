@@ -11,10 +11,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from tests.helpers.llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
-
 from spdecay.experiments import llm_model  # noqa: E402
 from spdecay.experiments.llm_model import cache_folder, cache_root, file_sha256, load_causal_lm  # noqa: E402
+from tests.helpers.llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 class CountingConverter:

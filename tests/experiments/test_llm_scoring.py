@@ -12,8 +12,6 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from tests.helpers.llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
-
 from spdecay.experiments.errors import RunnerError  # noqa: E402
 from spdecay.experiments.llm_scoring import (  # noqa: E402
     PromptEncoder,
@@ -22,6 +20,7 @@ from spdecay.experiments.llm_scoring import (  # noqa: E402
     chat_prompt,
     label_log_likelihoods,
 )
+from tests.helpers.llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 SENTIMENT = PromptFormat("Is this review positive or negative?", ("positive", "negative"))
 

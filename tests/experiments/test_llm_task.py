@@ -14,14 +14,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tests.helpers.llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
-
 from spdecay.experiments import llm_model, llm_task  # noqa: E402
 from spdecay.experiments.config import CompareConfig  # noqa: E402
 from spdecay.experiments.data import Split  # noqa: E402
 from spdecay.experiments.errors import RunnerError  # noqa: E402
 from spdecay.experiments.llm_data import BBC_PROMPT, RETENTION_SET, SENTIMENT_PROMPT, LLMData  # noqa: E402
 from spdecay.experiments.llm_scoring import label_log_likelihoods  # noqa: E402
+from tests.helpers.llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 POS = ["a great film with a fine cast", "a fine film", "great cast", "a great movie"]
 NEG = ["a dull and tedious movie", "dull film", "a tedious cast", "dull and tedious"]

@@ -7,9 +7,6 @@ numbers."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("deepspeed")

@@ -5,9 +5,6 @@ shared by all tests here); here we assert on its numbers."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
