@@ -123,7 +123,7 @@ def copy_bandwidth(spin_s: float = 3.0) -> float:
 
 
 def run_model(key: str, args) -> list[dict]:
-    from spdecay.spd.backends import triton as _triton
+    from spdecay.spd.backends import fused_triton as _triton
 
     name, shapes_fn = MODELS[key]
     shapes = shapes_fn()
@@ -202,7 +202,7 @@ def bench_mixed(name: str, key: str, shapes, numel: int, args) -> list[dict]:
         adam_spd, params, grads, m, v, [], steps, anchors, amsgrad=False, beta1=0.9,
         beta2=0.999, lr=1e-4, weight_decay=1.0, eps=1e-8, maximize=False, spd=True, fused=True)
 
-    from spdecay.spd.backends import triton as _triton
+    from spdecay.spd.backends import fused_triton as _triton
 
     default = (_triton._BLOCK, _triton._ITERS, _triton._NUM_WARPS)
     configs = [default] + ([(2048, 4, 4), (2048, 4, 8), (4096, 2, 8)] if args.sweep else [])
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_step_time.py needs a CUDA device")
-    from spdecay.spd.backends import triton as _triton
+    from spdecay.spd.backends import fused_triton as _triton
 
     for attr, value in (("_BLOCK", args.block), ("_ITERS", args.chunk_iters), ("_NUM_WARPS", args.warps)):
         if value is not None:

@@ -7,6 +7,7 @@ in what their ``step`` does with it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,10 +15,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from spdecay.spd.engines import check_params_unchanged, group_shapes
-from spdecay.spd.layout import FlatLayout, check_layout
+from spdecay.spd.interface import AdamHyper, TensorLists
+from spdecay.spd.layout import FlatLayout, check_layout, check_params_unchanged, group_shapes
 from spdecay.spd.plan import default_cpu_kernel
-from spdecay.spd.work import AdamHyper, TensorLists
 
 ANCHOR_MODES = ("init", "zero")
 ANCHOR_KEY = "anchor"  # the one state key of anchors (AdamSPD, AdamL2SP and the add-on)
@@ -50,7 +50,6 @@ class AnchoredAdam(Optimizer):
 
     _owner = "AnchoredAdam"
     _strength = "strength"  # what weight_decay means, for error messages
-    _group_marker = "spd"  # a key every group this class writes carries
 
     def __init__(
         self,
@@ -176,11 +175,8 @@ class AnchoredAdam(Optimizer):
         self.__dict__.setdefault("_layouts", {})
         for group in self.param_groups:
             self._fill_group_defaults(group)
-        if "_group_shapes" not in self.__dict__:
-            self._group_shapes = [group_shapes(g) for g in self.param_groups]
 
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
-        group.pop("capturable", None)  # removed option (old checkpoints)
         for key, value in (("spd", True), ("anchor", "init"), ("anchor_dtype", None),
                            ("state_dtype", None), ("maximize", False), ("foreach", None),
                            ("fused", None), ("amsgrad", False)):
@@ -197,14 +193,39 @@ class AnchoredAdam(Optimizer):
             state_dict: a state_dict from ``state_dict()`` of the same optimizer class.
 
         Raises:
-            ValueError: ``state_dict`` is not an optimizer state_dict, or was not written by
-                this class (missing or foreign group keys, unexpected state keys).
+            ValueError: ``state_dict`` is not an optimizer state_dict, was not written by
+                this class (missing or foreign group keys, unexpected state keys), or a state
+                tensor does not fit its parameter (another shape, a real moment for a complex
+                parameter, ...); nothing is loaded then.
         """
         self._check_own_state_dict(state_dict)
-        state_dict = {**state_dict, "param_groups": [
-            {k: v for k, v in g.items() if k != "capturable"} for g in state_dict["param_groups"]
-        ]}
+        self._check_state_fits(state_dict)
         super().load_state_dict(state_dict)
+
+    def _check_state_fits(self, state_dict: dict[str, Any]) -> None:
+        """Every saved state tensor against the parameter it will be loaded into (torch maps
+        them by position), before anything is copied."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved, self.param_groups)
+        ):
+            return  # torch's load_state_dict raises its own error for this
+        where: dict[Any, tuple[Tensor, str]] = {}
+        for g, (old, group) in enumerate(zip(saved, self.param_groups)):
+            names = group.get("param_names")
+            for i, (key, p) in enumerate(zip(old["params"], group["params"])):
+                where[key] = (p, repr(names[i]) if names else f"param_groups[{g}]['params'][{i}]")
+        for key, entry in state_dict.get("state", {}).items():
+            if key not in where:
+                continue
+            p, name = where[key]
+            for field, value in entry.items():
+                problem = state_problem(field, value, p)
+                if problem:
+                    raise ValueError(
+                        f"{self._owner}.load_state_dict: state {field!r} of parameter {name} "
+                        f"{problem}; nothing was loaded"
+                    )
 
     def _check_own_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
@@ -317,12 +338,13 @@ class AnchoredAdam(Optimizer):
             lists.layouts.append(self._layouts.get(p))
         return lists
 
-    def _hyper(self, group: dict[str, Any], *, spd: bool, weight_decay: float,
+    def _hyper(self, group: dict[str, Any], *, with_sums: bool, decay: float = 0.0,
                maximize: bool | None = None) -> AdamHyper:
         beta1, beta2 = group["betas"]
         return AdamHyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                         weight_decay=weight_decay, amsgrad=group["amsgrad"],
-                         maximize=group["maximize"] if maximize is None else maximize, spd=spd)
+                         amsgrad=group["amsgrad"],
+                         maximize=group["maximize"] if maximize is None else maximize,
+                         with_sums=with_sums, decay=decay)
 
     def _check_hyperparameters(self, **values: Any) -> None:
         owner = self._owner
@@ -330,8 +352,10 @@ class AnchoredAdam(Optimizer):
             lr = values["lr"]
             if isinstance(lr, Tensor) and lr.numel() != 1:
                 raise ValueError(f"{owner}: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
-            if not 0.0 <= float(lr):
-                raise ValueError(f"{owner}: invalid learning rate lr={float(lr)} (must be >= 0)")
+            if not 0.0 <= float(lr) < math.inf:
+                raise ValueError(
+                    f"{owner}: invalid learning rate lr={float(lr)} (must be finite and >= 0)"
+                )
         if "eps" in values and not 0.0 <= values["eps"]:
             raise ValueError(f"{owner}: invalid eps={values['eps']} (must be >= 0)")
         if "betas" in values:
@@ -341,11 +365,34 @@ class AnchoredAdam(Optimizer):
             for i, beta in enumerate(betas):
                 if not 0.0 <= float(beta) < 1.0:
                     raise ValueError(f"{owner}: invalid beta{i + 1}={float(beta)} (must be in [0, 1))")
-        if "weight_decay" in values and not 0.0 <= values["weight_decay"]:
-            raise ValueError(
-                f"{owner}: invalid weight_decay={values['weight_decay']} (the {self._strength} "
-                "must be >= 0)"
-            )
+        if "weight_decay" in values:
+            check_strength(values["weight_decay"], f"{owner}: invalid weight_decay",
+                           f"the {self._strength}")
+
+
+def check_strength(value: Any, prefix: str, what: str = "the SPD strength") -> None:
+    """A finite number >= 0 (an infinite strength would turn every tensor into NaN)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 <= number < math.inf:
+        raise ValueError(f"{prefix}={value!r} ({what} must be a finite number >= 0)")
+
+
+def state_problem(field: str, value: Any, p: Tensor) -> str | None:
+    """Why a saved state entry cannot be the state ``field`` of parameter ``p`` (None: it fits)."""
+    if field == "step":
+        if isinstance(value, Tensor) and value.numel() != 1:
+            return f"has {value.numel()} elements, expected one"
+        return None
+    if not isinstance(value, Tensor):
+        return f"is a {type(value).__name__}, expected a Tensor"
+    if value.shape != p.shape:
+        return f"has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
+    if value.is_complex() != p.is_complex() or not (value.is_floating_point() or value.is_complex()):
+        return f"has dtype {value.dtype}, which cannot hold the state of a {p.dtype} parameter"
+    return None
 
 
 def _step_dtype() -> torch.dtype:

@@ -1,4 +1,6 @@
-"""AdamSPD: Adam with Selective Projection Decay (Tian, Huang, Kira, NeurIPS 2024)."""
+"""AdamSPD: Adam with Selective Projection Decay (Tian, Huang, Kira, NeurIPS 2024), as an
+optimizer class and as a function over lists of tensors (``adam_spd``, torch's functional
+convention)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spdecay._anchored import AnchoredAdam
-from spdecay.spd.functional import GroupStep, step_groups
+from spdecay._anchored import AnchoredAdam, check_strength
+from spdecay.spd.driver import GroupStep, step_groups
+from spdecay.spd.interface import AdamHyper, TensorLists
+from spdecay.spd.layout import FlatLayout
 from spdecay.stats import SPDStats, collect_stats
 
 
@@ -107,11 +111,13 @@ class AdamSPD(AnchoredAdam):
             lists = self._gather(group)
             if not len(lists):
                 continue
-            spd = group["spd"]
-            hyper = self._hyper(group, spd=spd, weight_decay=0.0 if spd else group["weight_decay"])
+            lam = float(group["weight_decay"])
+            if group["spd"]:  # weight_decay is the SPD strength: the driver's
+                hyper, strength = self._hyper(group, with_sums=True), lam
+            else:  # plain AdamW: weight_decay is its decoupled decay
+                hyper, strength = self._hyper(group, with_sums=False, decay=lam), 0.0
             groups.append(group)
-            steps.append(GroupStep(lists, hyper, float(group["weight_decay"]), group["foreach"],
-                                   group["fused"]))
+            steps.append(GroupStep(lists, hyper, strength, group["foreach"], group["fused"]))
         for group_step, decisions in zip(steps, step_groups(steps, self._owner)):
             if decisions is not None:  # read back by spd_stats(); no per-tensor tensor work here
                 for p, entry in zip(group_step.lists.params, decisions):
@@ -126,3 +132,71 @@ class AdamSPD(AnchoredAdam):
                 [`FlatLayout`][spdecay.FlatLayout] gives one entry per logical tensor.
         """
         return collect_stats(self.param_groups, self._spd_last, self._layouts, spd_only=True)
+
+
+def adam_spd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    *,
+    layouts: list[FlatLayout | None] | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    spd: bool = True,
+) -> SPDStats | None:
+    """Functional AdamSPD over one list of tensors (torch's functional convention).
+
+    The caller builds the state lists; the tensors are updated in place.
+
+    Args:
+        params: the parameters.
+        grads: their gradients.
+        exp_avgs: first moments, one per parameter.
+        exp_avg_sqs: second moments, one per parameter.
+        max_exp_avg_sqs: maximum second moments (used only where ``amsgrad``).
+        state_steps: step counters, one tensor per parameter.
+        anchors: the anchor of each parameter; None for a zero anchor.
+        layouts: optional [`FlatLayout`][spdecay.FlatLayout] per parameter (None: a plain tensor).
+        foreach: False: the reference path; True: the torch multi-tensor path.
+        fused: the C/OpenMP (CPU) and Triton (CUDA) kernels; None takes them where available.
+        amsgrad: use the AMSGrad variant.
+        beta1: coefficient of the running average of the gradient.
+        beta2: coefficient of the running average of its square.
+        lr: learning rate.
+        weight_decay: the SPD strength ``lam`` (decoupled AdamW decay where ``spd`` is False).
+        eps: term added to the denominator for numerical stability.
+        maximize: maximise the objective instead of minimising it.
+        spd: False makes this AdamW with decoupled decay ``weight_decay``.
+
+    Raises:
+        ValueError: ``weight_decay`` is not a finite number >= 0.
+
+    Returns:
+        The step's [`SPDStats`][spdecay.SPDStats], or None where ``spd`` is False.
+    """
+    check_strength(weight_decay, "adam_spd: invalid weight_decay")
+    lists = TensorLists(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                        list(max_exp_avg_sqs) if amsgrad else [], list(state_steps),
+                        list(anchors) if spd else [], list(layouts or []))
+    hyper = AdamHyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
+                      maximize=maximize, with_sums=spd, decay=0.0 if spd else weight_decay)
+    if not params:
+        return SPDStats.from_lists([], [], [], []) if spd else None
+    (result,) = step_groups([GroupStep(lists, hyper, float(weight_decay) if spd else 0.0,
+                                       foreach, fused)], owner="adam_spd")
+    if result is None:
+        return None
+    return SPDStats.from_decisions([f"param{i}" for i in range(len(params))], result,
+                                   [lists.layouts[i] for i in range(len(params))])
+

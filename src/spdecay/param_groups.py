@@ -26,10 +26,13 @@ from torch import nn
 __all__ = ["param_groups", "llrd_param_groups", "resolve_head", "PEFT_PATTERNS", "HEAD_NAMES"]
 
 # Top-level module names of task heads in common model families (HF transformers, timm,
-# torchvision, EfficientNet-PyTorch). Only direct children of the (PEFT-unwrapped) model count.
+# torchvision, EfficientNet-PyTorch), and the decoders of semantic-segmentation models (HF
+# SegFormer / UperNet / DPT: ``decode_head``, ``auxiliary_head``; segmentation_models_pytorch:
+# ``segmentation_head``). Only direct children of the (PEFT-unwrapped) model count; every one
+# present is part of the head (UperNet: both decoders).
 HEAD_NAMES = (
     "classifier", "pre_classifier", "score", "qa_outputs", "classification_head",
-    "head", "heads", "fc", "_fc",
+    "head", "heads", "fc", "_fc", "decode_head", "auxiliary_head", "segmentation_head",
 )
 # HF PEFT parameter naming of weights that start at (or represent a delta from) zero.
 PEFT_PATTERNS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "adapter*")
@@ -152,8 +155,6 @@ def _peft_names(model: nn.Module, peft: bool | str | Sequence[str]) -> set[str]:
                 f"peft=True but no parameter matches the PEFT patterns {list(PEFT_PATTERNS)}"
             )
         return hits
-    if isinstance(peft, bool):  # pragma: no cover - covered by the branches above
-        return set()
     return _match(names, _as_patterns(peft, "peft"), "peft")
 
 
@@ -173,9 +174,12 @@ def param_groups(
 
     Args:
         model: the model (a PEFT-wrapped model works: frozen base weights are skipped).
-        head: the new task head: ``"auto"`` (a top-level module named one of
-            `HEAD_NAMES`; no head when every trainable parameter is a PEFT adapter, as
+        head: the new task head: ``"auto"`` (every top-level module named one of
+            `HEAD_NAMES`, a segmentation model's ``decode_head`` / ``auxiliary_head``
+            included; no head when every trainable parameter is a PEFT adapter, as
             for LoRA on a causal LM), name pattern(s), module(s), or None for no head group.
+            A checkpoint whose decoder is already trained (only its classifier is new) takes
+            a pattern such as ``head="decode_head.classifier"``, so the rest is anchored.
         no_decay: parameters excluded from decay: ``"auto"`` (biases and norm weights, the
             usual convention), name pattern(s), or None (SPD on every backbone tensor, as in
             the paper).

@@ -141,9 +141,6 @@ class SPDStats:
         }
 
 
-SPDStepStats = SPDStats  # deprecated name of the functional form's result
-
-
 def collect_stats(
     param_groups: Sequence[dict[str, Any]],
     last: Mapping[Any, Any],

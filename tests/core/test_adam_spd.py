@@ -12,21 +12,17 @@ from spdecay import AdamSPD
 from tests.helpers.optim import SHAPES, grad_stream, make_params, run
 from tests.helpers.reference import ReferenceAdamSPD
 
-PATHS = [pytest.param(False, id="single"), pytest.param(True, id="foreach"),
-         pytest.param("fused", id="fused")]
-
-
-def path(foreach):
-    """AdamSPD keyword arguments of a path in PATHS (the C kernel is built once per machine)."""
-    return {"fused": True} if foreach == "fused" else {"foreach": foreach}
-
 
 @pytest.fixture(params=["flat", "chunked"], autouse=True)
 def multi_tensor_layout(request, monkeypatch):
-    """Run every test with small tensors on the flat path and, again, on the chunked foreach path."""
-    import spdecay.spd.backends.foreach as F
+    """Run every test with small tensors on the flat path and, again, on the chunked foreach path
+    (with the ``backend`` fixture: on the multi-tensor backend only, the one that chunks)."""
+    import spdecay.spd.backends.multi_tensor as F
 
     if request.param == "chunked":
+        if "backend" in request.fixturenames and request.getfixturevalue("backend") != {
+                "foreach": True}:
+            pytest.skip("chunking is the multi-tensor backend's")
         monkeypatch.setattr(F, "_SMALL_NUMEL", -1)
         monkeypatch.setattr(F, "_CHUNK_NUMEL", 20)  # several chunks even for tiny models
         monkeypatch.setattr(F, "_SLICE_NUMEL", 7)  # several slices per tensor
@@ -39,13 +35,12 @@ def multi_tensor_layout(request, monkeypatch):
 
 
 
-@pytest.mark.parametrize("foreach", PATHS)
 @pytest.mark.parametrize("lam", [1.0, 0.5, 3.0])
-def test_matches_float64_reference_and_condition_fires_both_ways(foreach, lam):
+def test_matches_float64_reference_and_condition_fires_both_ways(backend, lam):
     params = make_params()
     grads = grad_stream(SHAPES, 40)
     ref = ReferenceAdamSPD(params, lr=0.05, weight_decay=lam)
-    opt = AdamSPD(params, lr=0.05, weight_decay=lam, **path(foreach))
+    opt = AdamSPD(params, lr=0.05, weight_decay=lam, **backend)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -59,13 +54,12 @@ def test_matches_float64_reference_and_condition_fires_both_ways(foreach, lam):
     assert any(log) and not all(log), "the test must exercise both branches of the condition"
 
 
-@pytest.mark.parametrize("foreach", PATHS)
-def test_reference_options_amsgrad_maximize_zero_anchor(foreach):
+def test_reference_options_amsgrad_maximize_zero_anchor(backend):
     params = make_params(seed=3)
     grads = grad_stream(SHAPES, 25, seed=4)
     ref = ReferenceAdamSPD(params, lr=0.03, weight_decay=1.0, amsgrad=True, maximize=True,
                            anchors=[None] * len(params))
-    opt = AdamSPD(params, lr=0.03, amsgrad=True, maximize=True, anchor="zero", **path(foreach))
+    opt = AdamSPD(params, lr=0.03, amsgrad=True, maximize=True, anchor="zero", **backend)
     run(opt, params, grads)
     for step_grads in grads:
         ref.step(step_grads)
@@ -131,11 +125,10 @@ def test_lambda_zero_equals_torch_adam():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("foreach", PATHS)
-def test_spd_false_group_equals_torch_adamw(foreach):
+def test_spd_false_group_equals_torch_adamw(backend):
     params = make_params(dtype=torch.float32)
     mirror = [p.detach().clone().requires_grad_() for p in params]
-    opt = AdamSPD([{"params": params, "spd": False, "weight_decay": 0.05}], lr=0.01, **path(foreach))
+    opt = AdamSPD([{"params": params, "spd": False, "weight_decay": 0.05}], lr=0.01, **backend)
     adamw = torch.optim.AdamW(mirror, lr=0.01, weight_decay=0.05)
     grads = grad_stream(SHAPES, 25, dtype=torch.float32)
     run(opt, params, grads)
@@ -146,11 +139,10 @@ def test_spd_false_group_equals_torch_adamw(foreach):
     assert len(opt.spd_stats()) == 0
 
 
-@pytest.mark.parametrize("foreach", PATHS)
-def test_lambda_one_fired_layer_never_drifts_further(foreach):
+def test_lambda_one_fired_layer_never_drifts_further(backend):
     params = make_params()
     anchors = [p.detach().clone() for p in params]
-    opt = AdamSPD(params, lr=0.1, weight_decay=1.0, **path(foreach))
+    opt = AdamSPD(params, lr=0.1, weight_decay=1.0, **backend)
     fired_seen = 0
     for step_grads in grad_stream(SHAPES, 40, seed=11):
         before = [(p.detach() - a).norm() for p, a in zip(params, anchors)]
@@ -216,10 +208,9 @@ def test_no_step_without_grads():
     assert len(opt.state) == 0
 
 
-@pytest.mark.parametrize("foreach", PATHS)
-def test_gradients_not_modified(foreach):
+def test_gradients_not_modified(backend):
     params = make_params()
-    opt = AdamSPD(params, lr=0.1, maximize=True, **path(foreach))
+    opt = AdamSPD(params, lr=0.1, maximize=True, **backend)
     for step_grads in grad_stream(SHAPES, 5):
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -228,13 +219,12 @@ def test_gradients_not_modified(foreach):
             assert torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize("foreach", PATHS)
-def test_complex_equals_view_as_real(foreach):
+def test_complex_equals_view_as_real(backend):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 4, dtype=torch.complex128, generator=g).requires_grad_()
     r = torch.view_as_real(z.detach()).clone().requires_grad_()
-    oz = AdamSPD([z], lr=0.05, **path(foreach))
-    orr = AdamSPD([r], lr=0.05, **path(foreach))
+    oz = AdamSPD([z], lr=0.05, **backend)
+    orr = AdamSPD([r], lr=0.05, **backend)
     fired = []
     for t in range(20):
         grad = torch.randn(3, 4, dtype=torch.complex128, generator=g) + (0.8 if t % 6 < 3 else -0.8)
@@ -248,14 +238,13 @@ def test_complex_equals_view_as_real(foreach):
     assert any(fired)
 
 
-@pytest.mark.parametrize("foreach", PATHS)
-def test_complex_with_wider_state_and_bf16_anchor_option_equals_view_as_real(foreach):
+def test_complex_with_wider_state_and_bf16_anchor_option_equals_view_as_real(backend):
     """state_dtype=float64 gives complex128 moments (not real ones of the wrong shape); bfloat16
     has no complex type, so a complex parameter's anchor stays in its own dtype."""
     g = torch.Generator().manual_seed(1)
     z = torch.randn(70, 70, dtype=torch.complex64, generator=g).requires_grad_()
     r = torch.view_as_real(z.detach()).clone().requires_grad_()
-    options = dict(lr=0.05, state_dtype=torch.float64, anchor_dtype=torch.bfloat16, **path(foreach))
+    options = dict(lr=0.05, state_dtype=torch.float64, anchor_dtype=torch.bfloat16, **backend)
     oz = AdamSPD([z], **options)
     orr = AdamSPD([r], **{**options, "anchor_dtype": None})
     for t in range(8):
@@ -359,7 +348,7 @@ def test_zero_new_deviation_gives_zero_ratio_not_nan():
     # lr = 0: p_adam == p == p0, so ||p_adam - p0|| = 0 on the first step.
     p = torch.ones(3, requires_grad=True)
     for foreach in (False, True):
-        opt = AdamSPD([p], lr=0.0, **path(foreach))
+        opt = AdamSPD([p], lr=0.0, foreach=foreach)
         p.grad = torch.ones(3)
         opt.step()
         stats = opt.spd_stats()
@@ -453,10 +442,9 @@ def test_state_holds_only_what_the_algorithm_needs():
     assert set(opt_zero.state[params[3]]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
-@pytest.mark.parametrize("foreach", PATHS)
-def test_step_never_reads_tensor_values_on_the_host(monkeypatch, foreach):
+def test_step_never_reads_tensor_values_on_the_host(monkeypatch, backend):
     params = make_params(dtype=torch.float32)
-    opt = AdamSPD(params, lr=0.01, **path(foreach))
+    opt = AdamSPD(params, lr=0.01, **backend)
     grads = grad_stream(SHAPES, 3, dtype=torch.float32)
 
     def forbidden(*_args, **_kwargs):
@@ -469,36 +457,13 @@ def test_step_never_reads_tensor_values_on_the_host(monkeypatch, foreach):
     assert opt.state[params[0]]["step"].item() == 3
 
 
-@pytest.mark.parametrize("foreach", PATHS)
-def test_ratio_is_accurate_for_small_steps_far_from_the_anchor(foreach):
-    # float32, deviation ~1 per element, steps of 1e-5: ||p_adam - p0|| - ||p - p0|| is ~1e-6 of
-    # the norms, below float32 resolution if computed as a difference of two norms.
-    n, lr, k = 200_000, 1e-5, 80_000
-    d = torch.ones(n)
-    d[k:] = -1.0
-    g = torch.full((n,), 10.0)
-    g[k:] = 0.001  # <g, d> > 0: the condition fires, yet the step grows the deviation
-    p = d.clone().requires_grad_()
-    opt = AdamSPD([p], lr=lr, anchor="zero", **path(foreach))
-    p.grad = g
-    opt.step()
-    d64, g64 = d.double(), g.double()
-    update = -lr * g64 / (g64.abs() + 1e-8)  # Adam's first step
-    new, old = (d64 + update).norm(), d64.norm()
-    expected = float((new - old) / new)
-    stats = opt.spd_stats()
-    assert bool(stats.fired[0]) and expected > 0
-    assert float(stats.ratio[0]) == pytest.approx(expected, rel=1e-3)
-
-
-@pytest.mark.parametrize("foreach", PATHS)
-def test_bf16_params_with_fp32_moments_track_the_fp32_run(foreach):
+def test_bf16_params_with_fp32_moments_track_the_fp32_run(backend):
     shapes = [(8,), (70, 70)]  # flat (small) and sliced (large) layouts
     fp32 = make_params(dtype=torch.float32, shapes=shapes)
     bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in fp32]
     ref = [p.detach().to(torch.bfloat16).float().requires_grad_() for p in fp32]
-    opt = AdamSPD(bf16, lr=1e-2, state_dtype=torch.float32, **path(foreach))
-    opt_ref = AdamSPD(ref, lr=1e-2, **path(foreach))
+    opt = AdamSPD(bf16, lr=1e-2, state_dtype=torch.float32, **backend)
+    opt_ref = AdamSPD(ref, lr=1e-2, **backend)
     for step_grads in grad_stream(shapes, 10, dtype=torch.float32):
         for p, q, g in zip(bf16, ref, step_grads):
             p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from spdecay import AdamL2SP, AdamSPD, SelectiveProjectionDecay, SPDStats
+from spdecay import AdamL2SP, AdamSPD, SelectiveProjectionDecay, SPDStats, adam_spd
 from spdecay.integrations._common import RunningSPDStats, find_stats_source
 from tests.helpers.optim import SHAPES, grad_stream, make_params, run, set_grads
 
@@ -137,8 +137,7 @@ def test_adamspd_and_addon_share_stats_type_method_anchor_key_and_errors():
     run(base, pb, grads)
     a, b = opt.spd_stats(), spd.spd_stats()
     assert type(a) is type(b) is SPDStats and a.names == b.names
-    with pytest.warns(DeprecationWarning, match="spd_stats"):
-        assert spd.stats().names == b.names
+    assert not hasattr(spd, "stats")  # one name: spd_stats (0.1.0 keeps no deprecated alias)
     assert set(opt.state[pa[1]]) == {"step", "exp_avg", "exp_avg_sq", "anchor"}
     assert set(base.state[pb[1]]) == {"step", "exp_avg", "exp_avg_sq", "anchor"}
     # summary keys are the ones the framework loggers write
@@ -149,23 +148,6 @@ def test_adamspd_and_addon_share_stats_type_method_anchor_key_and_errors():
         owner[1].grad = torch.sparse_coo_tensor([[0]], torch.ones(1), (5,), dtype=torch.float64)
         with pytest.raises(RuntimeError, match="sparse"):
             target.step()
-
-
-def test_addon_reads_anchors_saved_under_the_old_key():
-    params = make_params()
-    base = torch.optim.SGD(params, lr=0.1)
-    SelectiveProjectionDecay(base)
-    run(base, params, grad_stream(SHAPES, 1))
-    sd = base.state_dict()
-    for s in sd["state"].values():
-        s["spd_anchor"] = s.pop("anchor")
-    other = make_params(seed=5)
-    base2 = torch.optim.SGD(other, lr=0.1)
-    spd2 = SelectiveProjectionDecay(base2)
-    base2.load_state_dict(sd)
-    run(base2, other, grad_stream(SHAPES, 1))
-    assert torch.equal(spd2.anchor_of(other[2]), make_params()[2].detach())
-    assert "spd_anchor" not in base2.state[other[2]]
 
 
 # -------------------------------------------------------------------- foreign state
@@ -308,4 +290,26 @@ def test_the_functional_form_returns_the_one_stats_type():
                              [], steps, [p.clone() for p in params], amsgrad=False, beta1=0.9,
                              beta2=0.999, lr=0.1, weight_decay=1.0, eps=1e-8, maximize=False)
     assert type(stats) is SPDStats and len(stats) == len(params)
-    assert spdecay.SPDStepStats is SPDStats  # the old name, kept as an alias
+    assert not hasattr(spdecay, "SPDStepStats")  # one stats type, one name
+
+
+@pytest.mark.parametrize("cls", [AdamSPD, AdamL2SP])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_weight_decay_and_lr_are_refused(cls, bad):
+    """weight_decay=inf used to be accepted and turned every tensor into NaN (0 * inf), also
+    where the condition never fired."""
+    params = make_params()
+    with pytest.raises(ValueError, match="weight_decay.*finite number >= 0"):
+        cls(params, weight_decay=bad)
+    with pytest.raises(ValueError, match="lr=.*finite"):
+        cls(params, lr=bad)
+    with pytest.raises(ValueError, match="lr=.*finite"):
+        cls(params, lr=torch.tensor(bad))
+    opt = cls(params)
+    with pytest.raises(ValueError, match="weight_decay.*finite number >= 0"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "weight_decay": bad})
+    zeros = [torch.zeros_like(p) for p in params]
+    with pytest.raises(ValueError, match="weight_decay.*finite number >= 0"):
+        adam_spd([p.detach() for p in params], zeros, zeros, zeros, [], [torch.zeros(())] * 4,
+                 zeros, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.1, weight_decay=bad, eps=1e-8,
+                 maximize=False)

@@ -16,19 +16,21 @@ def layout(request, monkeypatch):
     """Run a test on whole-tensor foreach chunks, again on the cache-sized CPU slices, and again
     with the fused C kernel (``SelectiveProjectionDecay(..., fused=True)`` made the default)."""
     import spdecay.addon as A
+    import spdecay.spd.backends.fused_c as C
+    import spdecay.spd.backends.single_tensor as S
     import spdecay.spd.decision as D
 
     init = A.SelectiveProjectionDecay.__init__
     if request.param != "kernel":  # torch ops (the default takes the kernel where it builds)
         monkeypatch.setattr(init, "__kwdefaults__", {**init.__kwdefaults__, "fused": False})
     if request.param == "sliced":
-        monkeypatch.setattr(A, "_SLICE_NUMEL", 5)  # tensors above 5 elements measured in slices
+        monkeypatch.setattr(S, "_SLICE_NUMEL", 5)  # tensors above 5 elements measured in slices
         monkeypatch.setattr(D, "_CHUNK_NUMEL", 8)  # several foreach chunks in the projection
     if request.param == "kernel":
         monkeypatch.setattr(init, "__kwdefaults__", {**init.__kwdefaults__, "fused": True})
         measured = []
-        real = A._kernel().measure
-        monkeypatch.setattr(A._kernel(), "measure", lambda *a: measured.append(1) or real(*a))
+        real = C.measure
+        monkeypatch.setattr(C, "measure", lambda *a: measured.append(1) or real(*a))
         yield request.param
         assert measured, "the fused kernel must have been used"
         return
@@ -369,3 +371,81 @@ def test_per_group_strengths_follow_adamspd(layout):
         base.step()
     for a, b in zip(pa, pb):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-13)
+
+
+# ------------------------------------------------------------------ closures, non-finite values
+
+
+def _closure_problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(6, 3).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    return model, x, y
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_step_with_a_closure_follows_adamspd(layout, as_keyword):
+    """The add-on evaluates the closure once, then measures, then steps the base: decisions use
+    the gradient of this step (before, they used the previous one: 0.1 off AdamSPD)."""
+    m1, x, y = _closure_problem()
+    m2, _, _ = _closure_problem()
+    ref = AdamSPD(m1.parameters(), lr=0.05, weight_decay=1.0, foreach=False)
+    base = torch.optim.Adam(m2.parameters(), lr=0.05)
+    spd = SelectiveProjectionDecay(base, weight_decay=1.0)
+    calls = []
+
+    def closure_for(model, opt):
+        def closure():
+            calls.append(1)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    fired = []
+    for _ in range(12):
+        calls.clear()
+        l1 = ref.step(closure_for(m1, ref))
+        calls.clear()
+        c2 = closure_for(m2, base)
+        l2 = base.step(closure=c2) if as_keyword else base.step(c2)
+        assert len(calls) == 1  # evaluated once, by the add-on
+        torch.testing.assert_close(l2, l1)
+        fired += spd.spd_stats().fired.tolist()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+    assert any(fired) and not all(fired)
+
+
+def test_optimizers_that_reevaluate_the_closure_are_refused():
+    p = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="LBFGS.*closure several times"):
+        SelectiveProjectionDecay(torch.optim.LBFGS([p]))
+
+    class LineSearch(torch.optim.SGD):
+        def step(self, closure=None):
+            closure()
+            return super().step(closure)  # SGD calls it again
+
+    opt = LineSearch([p], lr=0.1)
+    SelectiveProjectionDecay(opt)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="called the closure more than once"):
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_non_finite_strengths_are_refused(bad):
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        SelectiveProjectionDecay(torch.optim.SGD([p], lr=0.1), weight_decay=bad)
+    group = torch.optim.SGD([{"params": [p], "spd_weight_decay": bad}], lr=0.1)
+    with pytest.raises(ValueError, match="spd_weight_decay.*finite number >= 0"):
+        SelectiveProjectionDecay(group)

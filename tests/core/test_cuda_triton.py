@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from spdecay import AdamSPD
-from spdecay.spd.backends import foreach as MT
-from spdecay.spd.backends import reference as REF
-from spdecay.spd.driver import finish
-from spdecay.spd.work import AdamHyper, TensorLists
+from spdecay.spd.backends import multi_tensor as MT
+from spdecay.spd.backends import single_tensor as REF
+from spdecay.spd.driver import Pending, finish
+from spdecay.spd.interface import AdamHyper, TensorLists
 from tests.helpers.reference import ReferenceAdamSPD
 
 triton = pytest.importorskip("triton")
-from spdecay.spd.backends import triton as T  # noqa: E402  (after the skip: needs triton)
+from spdecay.spd.backends import fused_triton as T  # noqa: E402  (after the skip: needs triton)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRET
@@ -57,31 +57,29 @@ def _functional(choose):
         lists = TensorLists(params, grads, exp_avgs, exp_avg_sqs,
                             list(max_exp_avg_sqs) if amsgrad else [], steps,
                             list(anchors) if spd else [None] * n)
-        h = AdamHyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                      weight_decay=0.0 if spd else weight_decay, amsgrad=amsgrad,
-                      maximize=maximize, spd=spd)
+        h = AdamHyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
+                      maximize=maximize, with_sums=spd, decay=0.0 if spd else weight_decay)
         runs = []
         for backend, idx in choose(lists, spd):
             if idx:
-                part = backend.adam_and_sums(lists.pick(idx), h)
+                sub = lists.pick(idx)
+                part = backend.adam_and_sums(sub, h)
                 if part is not None:
-                    part.lam = float(weight_decay)
-                    runs.append((idx, part))
+                    runs.append((idx, Pending(part, sub.sources(), float(weight_decay))))
         if not spd:
             return None
         out = Stats([None] * n, [None] * n, [None] * n)
-        for (idx, part), dec in zip(runs, finish([p for _, p in runs]), strict=True):
-            cols = part.columns if part.columns is not None else range(len(idx))
-            for j, c in enumerate(cols):
+        for (idx, _), dec in zip(runs, finish([p for _, p in runs]), strict=True):
+            for j, i in enumerate(idx):  # backends return their sums in input order
                 for col, values in zip(out, dec, strict=True):
-                    col[idx[c]] = values[j]
+                    col[i] = values[j]
         return out
 
     return fn
 
 
 def _triton_or_reference(lists, spd):
-    covered = [i for i in range(len(lists)) if T.covers(lists, i, spd)]
+    covered = [i for i in range(len(lists)) if T.covers(lists, i)]
     rest = [i for i in range(len(lists)) if i not in covered]
     return [(T, covered), (REF, rest)]
 

@@ -71,28 +71,22 @@ def make(seed=0):
     return [torch.randn(s, dtype=torch.float64, generator=g) for s in SHAPES]
 
 
-PATHS = {
-    "reference": dict(foreach=False),
-    "multi-tensor": dict(foreach=True),
-    "multi-tensor-sliced": dict(foreach=True),
-    "fused-cpu": dict(fused=True),
-}
+@pytest.mark.parametrize("slice_numel", [None, 4], ids=["whole", "sliced"])
+def test_adamspd_flat_partition_matches_separate_tensors(backend, slice_numel, monkeypatch):
+    if slice_numel is not None:  # multi-tensor: the flat partition in slices cutting segments
+        if backend != {"foreach": True}:
+            pytest.skip("slices are the multi-tensor backend's")
+        import spdecay.spd.backends.multi_tensor as MT
 
-
-@pytest.mark.parametrize("path", list(PATHS))
-def test_adamspd_flat_partition_matches_separate_tensors(path, monkeypatch):
-    if path == "multi-tensor-sliced":  # the flat partition walked in slices cutting segments
-        import spdecay.spd.backends.foreach as MT
-
-        monkeypatch.setattr(MT, "_SLICE_NUMEL", 4)
+        monkeypatch.setattr(MT, "_SLICE_NUMEL", slice_numel)
     layout, numel = build_layout()
     init = make()
     separate = [t.clone().requires_grad_() for t in init]
     pad_gen = torch.Generator().manual_seed(5)
     flat = flatten(init, pad_gen).requires_grad_()
     pad0 = flat.detach()[padding_mask(layout, numel)].clone()
-    o_sep = AdamSPD(separate, lr=0.05, weight_decay=1.0, **PATHS[path])
-    o_flat = AdamSPD([flat], lr=0.05, weight_decay=1.0, **PATHS[path])
+    o_sep = AdamSPD(separate, lr=0.05, weight_decay=1.0, **backend)
+    o_flat = AdamSPD([flat], lr=0.05, weight_decay=1.0, **backend)
     o_flat.set_flat_layout(flat, layout)
     pad_ref = pad0.clone().requires_grad_()  # padding gets plain Adam
     o_pad = torch.optim.Adam([pad_ref], lr=0.05, foreach=False)

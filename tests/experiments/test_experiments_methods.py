@@ -39,8 +39,8 @@ def minilm():
 
 
 def test_minilm_is_classified_from_mean_pooling_and_its_pooler_is_frozen(minilm):
+    from spdecay.experiments.methods import build_optimizer
     from spdecay.experiments.models import PooledClassifier
-    from spdecay.experiments.optimizers import build_optimizer
 
     assert minilm.head_modules == ["classifier"] and "mean pooling" in minilm.reading
     assert minilm.unused == ["encoder.pooler.dense.weight", "encoder.pooler.dense.bias"]
@@ -89,7 +89,7 @@ def _anchor(state: dict) -> torch.Tensor:
 
 
 def test_l2sp_under_lora_anchors_the_adapters_at_their_initial_values():
-    from spdecay.experiments.optimizers import build_optimizer
+    from spdecay.experiments.methods import build_optimizer
 
     model = _tiny_lora_bert()
     named = dict(model.named_parameters())
@@ -105,7 +105,7 @@ def test_l2sp_under_lora_anchors_the_adapters_at_their_initial_values():
 
 
 def test_spd_under_lora_keeps_the_paper_anchor_at_zero():
-    from spdecay.experiments.optimizers import build_optimizer
+    from spdecay.experiments.methods import build_optimizer
 
     model = _tiny_lora_bert()
     opt = build_optimizer("adamspd", model, ["classifier"], 1e-3, 1.0).optimizer

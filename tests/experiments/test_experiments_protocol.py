@@ -11,7 +11,7 @@ import torch
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.errors import RunnerError
-from spdecay.experiments.evaluate import accuracy_metrics
+from spdecay.experiments.metrics import accuracy_metrics
 from spdecay.experiments.protocol import (
     grids,
     parse_lr,
@@ -20,9 +20,9 @@ from spdecay.experiments.protocol import (
     plan,
     select,
 )
-from spdecay.experiments.report import comparison_table
-from spdecay.experiments.results_io import atomic_write_text, read_records, write_records
-from spdecay.experiments.train import lr_lambda, total_steps_for
+from spdecay.experiments.reporting.report import comparison_table
+from spdecay.experiments.reporting.results_io import atomic_write_text, read_records, write_records
+from spdecay.experiments.training.schedule import lr_lambda, total_steps_for
 
 OPTS = ["adamw", "l2sp", "adamspd"]
 GRIDS = {"adamw": [0.01, 0.1], "l2sp": [0.1, 1.0], "adamspd": [0.5, 1.0], "sgdspd": [0.5, 1.0]}
@@ -33,9 +33,9 @@ def test_parse_sweeps_global_and_per_optimizer():
     out = parse_sweeps(["weight_decay=0.5,1,2", "adamw.weight_decay=0,0.01,0.1"], OPTS)
     assert out == {"adamw": {"weight_decay": [0.0, 0.01, 0.1]}, "l2sp": {"weight_decay": [0.5, 1.0, 2.0]},
                    "adamspd": {"weight_decay": [0.5, 1.0, 2.0]}}
-    from spdecay.experiments.protocol import SWEEP_GRIDS
+    from spdecay.experiments.methods import METHODS
 
-    assert parse_sweeps(["default"], OPTS) == {n: {"weight_decay": SWEEP_GRIDS[n]} for n in OPTS}
+    assert parse_sweeps(["default"], OPTS) == {n: {"weight_decay": list(METHODS[n].grids["sweep"])} for n in OPTS}
     with pytest.raises(RunnerError, match="unknown hyper-parameter 'momentum'"):
         parse_sweeps(["momentum=0.9"], OPTS)
     with pytest.raises(RunnerError, match="'sgdspd' is not among --optimizers"):
@@ -68,18 +68,18 @@ def test_reference_rows_and_presets():
     evidence = config_from_options(**opts | {"preset": "evidence"})
     assert evidence.preset == "evidence" and evidence.seeds == 3
     assert evidence.optimizers == ["adamw", "l2sp", "adamspd", "probe", "wise_ft", "lpft"]
-    from spdecay.experiments.runner import default_lrs
-    from spdecay.experiments.tasks import task_defaults
+    from spdecay.experiments.runner import plan_for
+    from spdecay.experiments.tasks.registry import task_defaults
 
     d = task_defaults(evidence)
-    assert (d.train, d.epochs, d.lr_adam, d.schedule) == (480, 8.0, 3e-4, "cosine")
-    specs = plan(evidence, d.grids, default_lrs(d))
+    assert (d.train, d.epochs, d.lr_adam, d.schedule, d.grid) == (480, 8.0, 3e-4, "cosine", "evidence")
+    specs = plan_for(evidence)
     strengths = {n: sorted({s.weight_decay for s in specs if s.optimizer == n}) for n in evidence.optimizers}
     assert strengths["adamspd"] == [0.5, 1.0, 2.0]
     assert all(len(v) == 3 for v in strengths.values())
     assert strengths["wise_ft"] == strengths["adamw"]  # WiSE-FT interpolates each AdamW run
     assert config_from_options(**opts | {"quick": True}).preset == "quick"
-    with pytest.raises(RunnerError, match="wise_ft interpolates"):
+    with pytest.raises(RunnerError, match="wise_ft is made from AdamW"):
         parse_optimizers("wise_ft,adamspd")
     with pytest.raises(RunnerError, match="--quick is --preset quick"):
         config_from_options(**opts | {"quick": True, "preset": "evidence"})

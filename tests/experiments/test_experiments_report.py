@@ -10,8 +10,8 @@ import statistics
 import pytest
 
 from spdecay.experiments.config import CompareConfig
-from spdecay.experiments.paired import interval, paired_differences, t975, verdict
-from spdecay.experiments.report import comparison_table, write_report
+from spdecay.experiments.reporting.paired import interval, paired_differences, verdict
+from spdecay.experiments.reporting.report import comparison_table, write_report
 
 
 def _record(opt, seed, wd, val, test, ood, *, acc=None):
@@ -38,10 +38,14 @@ def _study():
     return records
 
 
-def test_t_quantiles_match_scipy():
+def test_paired_t_interval_uses_the_exact_t_quantile_beyond_30_seeds():
+    # The old hand table fell back to 1.96 beyond 30 degrees of freedom (anti-conservative).
     stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 3, 10, 30):
-        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+    values = [0.01 * ((7 * i) % 11 - 5) for i in range(41)]  # 40 degrees of freedom
+    mean, low, high = interval(values)
+    half = stats.t.ppf(0.975, 40) * statistics.stdev(values) / math.sqrt(41)
+    assert (low, high) == pytest.approx((mean - half, mean + half), rel=1e-12)
+    assert stats.t.ppf(0.975, 40) > 2.02  # noticeably wider than the normal quantile 1.96
 
 
 def test_paired_differences_use_the_chosen_settings_and_a_paired_t_interval():
@@ -91,8 +95,13 @@ def test_report_has_protocol_statement_paired_section_and_regularisation_table(t
     assert "The evidence preset" in report
     assert "mean ID-validation balanced" in report and "The model is read through mean pooling" in report
     assert "`pooler.dense.weight`" in report
-    assert "## Paired differences against AdamW" in report and "| adamspd | OOD tweets | +5.7 |" in report
-    assert "12.7 or 4.3" in report and "**AdamSPD**: better than AdamW" in report
+    assert "## Paired differences against AdamW" in report and "| AdamSPD | OOD tweets | 3 | +5.7 |" in report
+    assert "**AdamSPD − AdamW** on OOD tweets = +5.7 [+4.2, +7.1] points" in report
+    assert "better than AdamW (Holm-adjusted p = 0.003)" in report
+    # ID: the interval contains 0 and the MDE (3.3 points) exceeds the paper's effects: said so
+    assert "differences of ≥ 3.3 points would have been detected" in report
+    assert "cannot resolve effects of the size the SPD paper reports" in report
+    assert "did not reproduce" not in report
     assert "## What each method regularises" in report and "selective projection" in report
 
 
@@ -103,7 +112,7 @@ def test_quick_report_says_it_is_smoke_scale(tmp_path):
 
 def test_plots_include_the_paired_differences(tmp_path):
     pytest.importorskip("matplotlib")
-    from spdecay.experiments.plots import write_plots
+    from spdecay.experiments.reporting.plots import write_plots
 
     records = _study() + [_record("probe", s, 0.01, 0.7, 0.6, 0.6) | {"layers": {"names": [], "deviation": [],
                                                                                  "relative": [], "ndim": []}}
@@ -116,7 +125,7 @@ def test_plots_include_the_paired_differences(tmp_path):
 
 def test_merge_runs_combines_a_study_split_over_processes(tmp_path):
     from spdecay.experiments import merge_runs
-    from spdecay.experiments.results_io import read_records, write_records
+    from spdecay.experiments.reporting.results_io import read_records, write_records
 
     records = _study()
     parts = {"a": [r for r in records if r["seed"] == 0], "b": [r for r in records if r["seed"] > 0]}
@@ -132,7 +141,7 @@ def test_merge_runs_combines_a_study_split_over_processes(tmp_path):
     merged = read_records(out / "results.jsonl")
     assert sorted(r["run_id"] for r in merged) == sorted(r["run_id"] for r in records)
     assert CompareConfig.load(out / "config.json").seeds == 3
-    assert "| adamspd | OOD tweets | +5.7 |" in (out / "report.md").read_text()
+    assert "| AdamSPD | OOD tweets | 3 | +5.7 |" in (out / "report.md").read_text()
     other = tmp_path / "c"
     other.mkdir()
     (other / "config.json").write_text(CompareConfig(preset="quick").to_json())

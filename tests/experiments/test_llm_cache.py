@@ -11,8 +11,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from spdecay.experiments import llm_model  # noqa: E402
-from spdecay.experiments.llm_model import cache_folder, cache_root, file_sha256, load_causal_lm  # noqa: E402
+from spdecay.experiments.tasks.llm import model as llm_model  # noqa: E402
+from spdecay.experiments.tasks.llm.model import (  # noqa: E402
+    cache_folder,
+    cache_root,
+    file_sha256,
+    load_causal_lm,
+)
 from tests.helpers.llm_tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from spdecay.experiments.errors import RunnerError  # noqa: E402
-from spdecay.experiments.llm_scoring import (  # noqa: E402
+from spdecay.experiments.tasks.llm.scoring import (  # noqa: E402
     PromptEncoder,
     PromptFormat,
     answer_loss,

@@ -310,7 +310,7 @@ def sharding_facts(model: nn.Module, opt: torch.optim.Optimizer, key: str) -> di
 
 
 def check_adam_spd_fsdp2(rank: int, world: int, ref: dict) -> dict[str, Any]:
-    import spdecay.spd.backends.foreach as MT
+    import spdecay.spd.backends.multi_tensor as MT
     import spdecay.spd.driver as D
 
     res: dict[str, Any] = {}

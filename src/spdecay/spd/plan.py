@@ -2,10 +2,10 @@
 
 * ``fused=True``: CPU tensors the C kernel covers go to it, CUDA tensors to Triton; the rest of
   the group to the multi-tensor backend (in the same step);
-* default (``fused=None``, ``foreach=None``): the same where the C kernel is available (a C
-  compiler was found; built when the optimizer is constructed) and, on CUDA, Triton installed;
-  otherwise the multi-tensor backend;
-* ``foreach=False``: the readable reference backend;
+* default (``fused=None``, ``foreach=None``): the same where the C kernel is available (built
+  or loaded from the private cache when the optimizer is constructed; see
+  ``backends.fused_c``) and, on CUDA, Triton installed; otherwise the multi-tensor backend;
+* ``foreach=False``: the readable single-tensor backend;
 * otherwise: the multi-tensor backend.
 
 ``preflight`` raises (missing compiler, missing Triton, unsupported device) before a step
@@ -16,21 +16,20 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from spdecay.spd.backends import foreach as multi_tensor
-from spdecay.spd.backends import reference
-from spdecay.spd.work import TensorLists
+from spdecay.spd.backends import multi_tensor, single_tensor
+from spdecay.spd.interface import TensorLists
 
 
-def _cpu() -> ModuleType:
-    from spdecay.spd.backends import cpu
+def _fused_c() -> ModuleType:
+    from spdecay.spd.backends import fused_c
 
-    return cpu
+    return fused_c
 
 
-def _triton() -> ModuleType:
-    from spdecay.spd.backends import triton
+def _fused_triton() -> ModuleType:
+    from spdecay.spd.backends import fused_triton
 
-    return triton
+    return fused_triton
 
 
 def preflight(devices: set[str], *, fused: bool | None, owner: str) -> None:
@@ -44,34 +43,34 @@ def preflight(devices: set[str], *, fused: bool | None, owner: str) -> None:
             f"{sorted(unsupported)}; use foreach=True there"
         )
     if "cpu" in devices:
-        _cpu().library()  # builds or loads the kernel; a missing compiler is reported here
-    if "cuda" in devices and not _triton().HAS_TRITON:
+        _fused_c().library()  # builds or loads the kernel; why it cannot is reported here
+    if "cuda" in devices and not _fused_triton().HAS_TRITON:
         raise RuntimeError(f"{owner}(fused=True) on CUDA needs Triton: pip install triton")
 
 
 def default_cpu_kernel() -> bool:
     """Whether the CPU default is the C kernel (builds or loads it on the first call)."""
-    return _cpu().available()
+    return _fused_c().available()
 
 
-def plan(lists: TensorLists, *, foreach: bool | None, fused: bool | None,
-         spd: bool) -> list[tuple[ModuleType, list[int]]]:
+def plan(lists: TensorLists, *, foreach: bool | None,
+         fused: bool | None) -> list[tuple[ModuleType, list[int]]]:
     """(backend module, indices) pairs covering every tensor of ``lists`` once."""
     n = len(lists)
     if foreach is False and not fused:
-        return [(reference, list(range(n)))]
+        return [(single_tensor, list(range(n)))]
     cuda = [p.is_cuda for p in lists.params]
     default = fused is None and not foreach
-    use_triton = fused or (default and any(cuda) and _triton().HAS_TRITON)
+    use_triton = fused or (default and any(cuda) and _fused_triton().HAS_TRITON)
     use_cpu = fused or (default and not all(cuda) and default_cpu_kernel())
     chosen: dict[ModuleType, list[int]] = {}
-    rest = reference if foreach is False else multi_tensor
+    rest = single_tensor if foreach is False else multi_tensor
     for i in range(n):
         backend = rest
         if cuda[i]:
-            if use_triton and _triton().covers(lists, i, spd):
-                backend = _triton()
-        elif use_cpu and lists.params[i].device.type == "cpu" and _cpu().covers(lists, i, spd):
-            backend = _cpu()
+            if use_triton and _fused_triton().covers(lists, i):
+                backend = _fused_triton()
+        elif use_cpu and lists.params[i].device.type == "cpu" and _fused_c().covers(lists, i):
+            backend = _fused_c()
         chosen.setdefault(backend, []).append(i)
     return list(chosen.items())

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spdecay.spd.cache import Memo, to_device
 from spdecay.spd.dtensor import is_dtensor, to_local
 from spdecay.spd.layout import FlatLayout
 
@@ -70,20 +71,12 @@ def reduce_columns(sums: Tensor, sources: Sequence[Any]) -> Tensor:
     return out
 
 
-_INDEX: dict[tuple, Tensor] = {}
+_INDEX: Memo[Tensor] = Memo()
 
 
 def _index(cols: list[int], device: torch.device) -> Tensor:
-    key = (tuple(cols), device)
-    idx = _INDEX.get(key)
-    if idx is None:
-        if len(_INDEX) > 64:
-            _INDEX.clear()
-        host = torch.tensor(cols, dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        idx = _INDEX[key] = host.to(device, non_blocking=True)
-    return idx
+    return _INDEX.get((tuple(cols), device),
+                      lambda: to_device(torch.tensor(cols, dtype=torch.int64), device))
 
 
 def reduce_partial_sums(sums: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -129,17 +122,13 @@ class _Plan:
 # Keyed by mesh *identity*: DeviceMesh equality ignores the process group, so an equal mesh
 # built on another group (DeviceMesh.from_group, or after destroy/init_process_group) must not
 # reuse a plan made for the old one. Each entry keeps its meshes alive, so ids are not reused.
-_PLAN_CACHE: dict[tuple, tuple[tuple, _Plan | None]] = {}
+_PLAN_CACHE: Memo[tuple[tuple, _Plan | None]] = Memo()
 
 
 def _plan(params: Sequence[Tensor], device: torch.device) -> _Plan | None:
     layout = tuple((p.device_mesh, p.placements) if is_dtensor(p) else None for p in params)
     key = (device, tuple(None if e is None else (id(e[0]), e[1]) for e in layout))
-    if key not in _PLAN_CACHE:
-        if len(_PLAN_CACHE) > 64:
-            _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = (layout, _build_plan(layout, device))
-    return _PLAN_CACHE[key][1]
+    return _PLAN_CACHE.get(key, lambda: (layout, _build_plan(layout, device)))[1]
 
 
 def _is_shard(placement: Any) -> bool:

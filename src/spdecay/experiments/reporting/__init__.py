@@ -1,0 +1,1 @@
+"""Reporting: report.md, the plots, paired statistics and the results files."""

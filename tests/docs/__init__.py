@@ -1,0 +1,1 @@
+"""Tests of the docs site, the README snippets and the set-up script."""
