@@ -4,7 +4,10 @@ their mean where there are several), as (label, getter) pairs. Used by the paire
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from spdecay.experiments.headline import headline_for
+from spdecay.experiments.protocol import select
 
 
 def _ood_getter(name: str, key: str):
@@ -21,3 +24,19 @@ def metrics_of(records: list[dict]) -> list[tuple[str, object]]:
     if len(ood_names) > 1:
         out.append(("OOD mean", lambda r: r[f"ood_mean_{key}"]))
     return out
+
+
+def paired_runs(records: list[dict], reference: str = "adamw") -> Iterator[tuple[str, list[int], list[dict], list[dict]]]:
+    """(method, seeds, its records, ``reference``'s records) per method, both at their chosen
+    settings, over the seeds both have, in seed order: the pairs every paired statistic uses."""
+    best = select(records)
+    if reference not in best:
+        return
+    ref = {r["seed"]: r for r in best[reference]["records"]}
+    for name, choice in best.items():
+        if name == reference:
+            continue
+        mine = {r["seed"]: r for r in choice["records"]}
+        seeds = sorted(set(mine) & set(ref))
+        if seeds:
+            yield name, seeds, [mine[s] for s in seeds], [ref[s] for s in seeds]

@@ -164,32 +164,21 @@ def compare(records: list[dict], out: Path | None = None, reference: str = "adam
     over the seeds both measured; fractions, not points). The bootstrap needs ``out`` (the
     stored predictions) and a balanced-accuracy headline; otherwise its bounds are nan."""
     from spdecay.experiments.headline import headline_for
-    from spdecay.experiments.protocol import select
-    from spdecay.experiments.reporting.compared import metrics_of
+    from spdecay.experiments.reporting.compared import metrics_of, paired_runs
 
-    best = select(records)
-    if reference not in best:
-        return {}
     key = headline_for(records).key
-    ref = {r["seed"]: r for r in best[reference]["records"]}
     result: dict[str, dict[str, dict]] = {}
-    for name, choice in best.items():
-        if name == reference:
-            continue
-        mine = {r["seed"]: r for r in choice["records"]}
-        seeds = sorted(set(mine) & set(ref))
-        if not seeds:
-            continue
+    for name, seeds, mine, ref in paired_runs(records, reference):
         result[name] = {}
         for label, get in metrics_of(records):
-            a, b = [get(mine[s]) for s in seeds], [get(ref[s]) for s in seeds]
+            a, b = [get(r) for r in mine], [get(r) for r in ref]
             diffs = [x - y for x, y in zip(a, b)]
             mean, low, high = t_interval(diffs)
             sd = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
             entry = {"seeds": seeds, "diffs": diffs, "mean": mean, "low": low, "high": high, "sd": sd,
                      "p": paired_p(a, b), "mde": mde(sd, len(seeds)), "boot_low": math.nan, "boot_high": math.nan}
             if out is not None and key == "balanced_accuracy":
-                boot = _bootstrap_interval(Path(out), label, records, [mine[s] for s in seeds], [ref[s] for s in seeds])
+                boot = _bootstrap_interval(Path(out), label, records, mine, ref)
                 if boot is not None:
                     entry["boot_low"], entry["boot_high"] = boot
             result[name][label] = entry

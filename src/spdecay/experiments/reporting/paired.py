@@ -11,8 +11,7 @@ report's full statistics (bootstrap, Holm, minimum detectable difference) are in
 
 from __future__ import annotations
 
-from spdecay.experiments.protocol import select
-from spdecay.experiments.reporting.compared import metrics_of
+from spdecay.experiments.reporting.compared import metrics_of, paired_runs
 
 REFERENCE = "adamw"
 
@@ -28,21 +27,11 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 def paired_differences(records: list[dict], reference: str = REFERENCE) -> dict[str, dict[str, dict]]:
     """method -> metric label -> {"seeds", "diffs", "mean", "low", "high"} (method minus
     ``reference``, both at their chosen settings, over the seeds both have)."""
-    best = select(records)
-    if reference not in best:
-        return {}
-    ref = {r["seed"]: r for r in best[reference]["records"]}
     out: dict[str, dict[str, dict]] = {}
-    for name, choice in best.items():
-        if name == reference:
-            continue
-        mine = {r["seed"]: r for r in choice["records"]}
-        seeds = sorted(set(mine) & set(ref))
-        if not seeds:
-            continue
+    for name, seeds, mine, ref in paired_runs(records, reference):
         out[name] = {}
         for label, get in metrics_of(records):
-            diffs = [get(mine[s]) - get(ref[s]) for s in seeds]
+            diffs = [get(a) - get(b) for a, b in zip(mine, ref)]
             mean, low, high = interval(diffs)
             out[name][label] = {"seeds": seeds, "diffs": diffs, "mean": mean, "low": low, "high": high}
     return out

@@ -21,45 +21,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdecay.experiments.data import Split
-from spdecay.experiments.models import TaskModel
+from spdecay.experiments.models import ImageModel
 from spdecay.experiments.tasks.segmentation.metrics import segmentation_metrics
 
 
-class SegmentationModel(TaskModel):
+class SegmentationModel(ImageModel):
+    """Inputs (resizing, normalisation, batches) and logits as ``ImageModel``; the loss,
+    prediction and metrics are per pixel."""
+
     kind = "segmentation"
 
     def __init__(self, base: nn.Module, head_modules: list[str], device: torch.device, *, image_size: int,
                  mean, std, hf: bool, ignore_index: int | None = None, probe_steps: int = 100):
-        super().__init__(base, head_modules, device)
-        self.image_size = image_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.hf = hf
+        super().__init__(base, image_size, mean, std, head_modules, device, hf)
         self.ignore_index = ignore_index
         self.probe_steps = probe_steps
         self.reading = "its per-pixel logits, upsampled bilinearly to the mask size"
-
-    # -- inputs --------------------------------------------------------------------------------
-    def example_inputs(self):
-        return torch.rand(2, 3, self.image_size, self.image_size)
-
-    def prepare(self, x: Tensor) -> Tensor:
-        """[0, 1] images of any size and 1 or 3 channels -> normalised model input."""
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
-
-    def batches(self, split, batch_size, order=None):
-        order = torch.arange(len(split)) if order is None else order
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            yield self.prepare(split.inputs[index]).to(self.device), split.labels[index].to(self.device)
-
-    def logits(self, model, inputs):
-        out = model(pixel_values=inputs) if self.hf else model(inputs)
-        return out.logits if hasattr(out, "logits") else out
 
     @staticmethod
     def upsampled(logits: Tensor, size) -> Tensor:
