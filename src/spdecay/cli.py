@@ -81,7 +81,7 @@ def build_app() -> Any:
     def compare(
         ctx: typer.Context,
         task: Annotated[str | None, typer.Option(help=f"The task: {tasks_help}; custom is implied by --model.")] = None,
-        preset: Annotated[str | None, typer.Option(help="default (the main job: 480 examples x 8 epochs at lr 3e-4, one strength per method, 1 seed; sentiment: about 5.5 minutes on 2 idle CPU cores), quick (smoke test, under 2 minutes) or evidence (~500 examples x 8 epochs at lr 3e-4, warm-up + cosine to a floor, 3 strengths per method, 3 seeds).")] = None,
+        preset: Annotated[str | None, typer.Option(help="default (the main job: 480 examples x 6 epochs at lr 3e-4, one strength per method, 1 seed; sentiment: about 4 minutes on 2 idle CPU cores), quick (smoke test, under 2 minutes) or evidence (~500 examples x 8 epochs at lr 3e-4, warm-up + cosine to a floor, 3 strengths per method, 3 seeds).")] = None,
         optimizers: Annotated[str | None, typer.Option(help=methods_help)] = None,
         lr: Annotated[str | None, typer.Option(help="Learning rate for all methods (1e-4) or per method (adamw=1e-4,sgdspd=0.02). Default: the preset's.")] = None,
         steps: Annotated[int | None, typer.Option(help="Training steps per run (instead of --epochs).")] = None,
@@ -127,8 +127,8 @@ def build_app() -> Any:
         write results, report (with paired differences against AdamW) and plots.
 
         With no options (the main job): the `sentiment` task, AdamW vs Adam L2-SP vs AdamSPD plus
-        the probe and WiSE-FT reference rows, one seed, one strength per method, 480 snippets x 8
-        epochs (about 5.5 minutes on 2 idle CPU cores); it ends with what came out, how much one seed
+        the probe and WiSE-FT reference rows, one seed, one strength per method, 480 snippets x 6
+        epochs (about 4 minutes on 2 idle CPU cores); it ends with what came out, how much one seed
         can resolve and the report's path. `--preset evidence` adds strengths and seeds (3).
         """
         try:

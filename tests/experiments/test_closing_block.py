@@ -79,3 +79,12 @@ def test_progress_in_a_log_starts_with_an_estimate_and_beats(monkeypatch):
     stream2 = io.StringIO()
     progress.LogProgress("AdamSPD seed 0 (λ 1)", 100, stream=stream2, clock=lambda: now[0])
     assert "about 50 s of training" in stream2.getvalue()
+
+
+def test_closing_block_names_wise_ft_by_its_alpha_and_counts_one_run_in_the_singular():
+    records = [r | {"alpha": 0.5} if r["optimizer"] == "wise_ft" else r for r in _study(1)]
+    lines = closing_block(Path("out"), records, seconds=10.0).splitlines()
+    wise = next(line for line in lines if line.startswith("WiSE-FT"))
+    assert "α 0.5" in wise and "decay" not in wise
+    one = closing_block(Path("out"), [_study(1)[0]], seconds=10.0).splitlines()
+    assert one[1].endswith(", 1 run in 10 s"), one[1]

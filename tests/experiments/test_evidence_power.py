@@ -441,3 +441,13 @@ def test_wise_ft_alpha_points_are_rows_of_their_own_and_curves_on_the_frontier(t
     assert [p["alpha"] for p in grid_points(records) if p["method"] == "wise_ft"] == [0.25, 0.5, 0.75]
     plot_frontier(records, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 1000
+
+
+def test_the_banner_counts_one_run_and_one_thread_in_the_singular(tmp_path):
+    from spdecay.experiments.runner import run_compare
+
+    lines: list[str] = []
+    config = _config(optimizers=["adamw"], seeds=1, sweep={"adamw": {"weight_decay": [0.1]}})
+    run_compare(config, tmp_path / "one", progress=False, threads=1, log=lines.append)
+    banner = next(line for line in lines if line.startswith("spdecay compare:"))
+    assert ", 1 run (0 already done)" in banner and banner.endswith(", 1 thread"), banner

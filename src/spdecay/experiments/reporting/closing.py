@@ -17,6 +17,7 @@ from pathlib import Path
 
 from spdecay.experiments.methods import METHODS, strength_text
 from spdecay.experiments.methods import label as method_label
+from spdecay.experiments.reporting.compared import ood_getter
 
 WIDTH = 100
 Z95 = 1.96
@@ -53,10 +54,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-def _ood_getter(name: str, key: str):
-    return lambda r: r["ood"][name].get(key)
-
-
 def _splits(records: list[dict]) -> list[tuple[str, str, object]]:
     """(column title, class-count key, getter) of the scores shown: ID test, then each OOD set
     (at most two; beyond that their mean)."""
@@ -66,7 +63,7 @@ def _splits(records: list[dict]) -> list[tuple[str, str, object]]:
     ood = list(records[0].get("ood") or {})
     out: list[tuple[str, str, object]] = [("ID test", "test", lambda r: r["test"].get(key))]
     if len(ood) <= 2:
-        out += [(_cut(f"OOD {n}", 14), n, _ood_getter(n, key)) for n in ood]
+        out += [(_cut(f"OOD {n}", 14), n, ood_getter(n, key)) for n in ood]
     else:
         out.append(("OOD mean", "", lambda r: r.get(f"ood_mean_{key}")))
     return out
@@ -90,7 +87,8 @@ def closing_block(out: Path, records: list[dict], *, seconds: float | None = Non
     head = f"spdecay compare: task {records[0].get('task', '?')}"
     if config is not None:
         head += f", preset {config.preset}"
-    head += f", {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}), {len(records)} runs"
+    head += (f", {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}), "
+             f"{len(records)} run{'' if len(records) == 1 else 's'}")
     if seconds is not None:
         head += f" in {_duration(seconds)}"
     lines = [rule, _cut(head, WIDTH), ""]
@@ -109,7 +107,9 @@ def closing_block(out: Path, records: list[dict], *, seconds: float | None = Non
         recs = choice["records"]
         means[name] = {t: _mean([get(r) for r in recs]) for t, _, get in splits}
         deviation = _mean([r["deviation"]["total"] for r in recs])
-        lines.append(row([_cut(method_label(name), 24), strength_text(name, choice["weight_decay"]),
+        alpha = recs[0].get("alpha") if recs else None  # WiSE-FT: its mixing weight is the setting
+        strength = f"α {alpha:g}" if alpha is not None else strength_text(name, choice["weight_decay"])
+        lines.append(row([_cut(method_label(name), 24), strength,
                           *[_num(means[name][t]) for t, _, _ in splits], _num(deviation, 2),
                           f"{_mean([r['wall_time_s'] for r in recs]):.0f}"]))
     lines.append(_cut(f"({headline.label}, mean over seeds; the full table, paired differences and plots are in "

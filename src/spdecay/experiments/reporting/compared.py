@@ -10,8 +10,9 @@ from spdecay.experiments.headline import headline_for
 from spdecay.experiments.protocol import select
 
 
-def _ood_getter(name: str, key: str):
-    return lambda r: r["ood"][name][key]
+def ood_getter(name: str, key: str):
+    """The ``key`` metric of OOD set ``name`` of a record (None where the record lacks it)."""
+    return lambda r: r["ood"][name].get(key)
 
 
 def metrics_of(records: list[dict]) -> list[tuple[str, object]]:
@@ -20,7 +21,7 @@ def metrics_of(records: list[dict]) -> list[tuple[str, object]]:
     key = headline_for(records).key
     ood_names = list(records[0]["ood"]) if records else []
     out: list[tuple[str, object]] = [("ID test", lambda r: r["test"][key])]
-    out += [(f"OOD {n}", _ood_getter(n, key)) for n in ood_names]
+    out += [(f"OOD {n}", ood_getter(n, key)) for n in ood_names]
     if len(ood_names) > 1:
         out.append(("OOD mean", lambda r: r[f"ood_mean_{key}"]))
     return out

@@ -4,11 +4,11 @@ balanced accuracy on every set, BBC News zero-shot before -> after fine-tuning a
 
 from __future__ import annotations
 
-import math
 import statistics
 
 from spdecay.experiments.config import CompareConfig
 from spdecay.experiments.methods import METHODS, label, order
+from spdecay.experiments.reporting.markdown import _fmt
 
 RETENTION_SET = "bbc_news"  # (tasks.llm.data.RETENTION_SET; not imported: this module stays light)
 
@@ -33,15 +33,6 @@ def statement(config: CompareConfig, defaults) -> str:
             "shift: tweets (same question); capability retention: BBC News topics (5 classes) zero-shot, never "
             "trained on, scored before and after fine-tuning (forgetting = before − after). `pretrained` is the "
             "untouched model zero-shot.")
-
-
-def _fmt(values: list[float | None], digits: int = 3) -> str:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
