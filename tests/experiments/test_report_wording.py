@@ -96,7 +96,7 @@ def test_strengths_are_named_as_the_method_names_them():
 def figures(monkeypatch):
     """The figures write_plots makes, laid out and drawn as saved (name -> Figure)."""
     pytest.importorskip("matplotlib")
-    from spdecay.experiments.reporting import plots
+    from spdecay.experiments.reporting import frontier, plots
 
     made: dict = {}
     real = plots._save
@@ -114,6 +114,7 @@ def figures(monkeypatch):
         made[path.name] = fig
 
     monkeypatch.setattr(plots, "_save", save)
+    monkeypatch.setattr(frontier, "_save", save)
     yield made
     import matplotlib.pyplot as plt
 
@@ -131,8 +132,12 @@ def _inside(fig, artist) -> bool:
 def test_figures_are_legible(tmp_path, figures, seeds):
     from spdecay.experiments.reporting.plots import write_plots
 
-    write_plots(tmp_path, _study(seeds))
-    for name in ("id_vs_ood.png", "layer_deviation.png", "spd_fired.png", "paired_differences.png"):
+    records = _study(seeds)
+    for r in records:  # a D(t) trace, so the deviation plot is drawn too
+        r["deviation_trace"] = {"steps": [0, 60, 120], "total": [0.0, r["deviation"]["total"] / 2, r["deviation"]["total"]]}
+    write_plots(tmp_path, records)
+    for name in ("id_vs_ood.png", "layer_deviation.png", "spd_fired.png", "paired_differences.png", "frontier.png",
+                 "deviation_trace.png"):
         fig = figures[name]
         titles = [t for t in [fig._suptitle, *(ax.title for ax in fig.axes)] if t is not None and t.get_text()]
         assert titles, name
@@ -157,7 +162,7 @@ def test_figures_are_legible(tmp_path, figures, seeds):
             texts = [t.get_text() for t in legend.get_texts()]
             assert all(t.get_fontsize() >= 8 for t in legend.get_texts())
             assert not any("wd " in t for t in texts), texts
-            for t in texts:
+            for t in texts if name != "frontier.png" else []:  # the frontier: every grid point, one colour
                 if t.startswith(("AdamSPD", "Adam L2-SP")):
                     assert "(λ " in t, t
                 if t.startswith("AdamW"):

@@ -16,11 +16,11 @@ import math
 import statistics
 from pathlib import Path
 
-from spdecay.experiments.methods import METHODS, order
+from spdecay.experiments.methods import METHODS, order, strength_text
 from spdecay.experiments.methods import color as method_color
 from spdecay.experiments.methods import label as method_label
 from spdecay.experiments.protocol import select, setting_key
-from spdecay.experiments.reporting.figure import _pyplot, _save
+from spdecay.experiments.reporting.figure import _legend_outside, _pyplot, _save, _title
 
 
 def _headline(records: list[dict]):
@@ -121,8 +121,8 @@ def plot_frontier(records: list[dict], path: Path) -> None:
                         lw=0.8, alpha=0.7)
     ax.set_xlabel(f"ID test {h.label} (%)")
     ax.set_ylabel(f"OOD {h.label} (%, mean over OOD sets)")
-    ax.set_title(f"ID-OOD frontier: every grid point (marker area ∝ ‖θ−θ₀‖, max {top:.2f}; ringed: chosen)")
-    ax.legend(fontsize=8, loc="best")
+    _title(ax, f"ID-OOD frontier: every grid point (marker area ∝ ‖θ−θ₀‖, max {top:.2f}; ringed: chosen)", 60)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
     _save(plt, fig, path)
 
@@ -146,13 +146,14 @@ def plot_deviation_trace(records: list[dict], path: Path) -> bool:
         is_chosen = key in chosen
         name = key[0]
         ax.plot(steps, mean, color=method_color(name), lw=2.2 if is_chosen else 0.8, alpha=1.0 if is_chosen else 0.5,
-                label=method_label(name) if is_chosen and name not in labelled else None)
+                label=f"{method_label(name)} ({strength_text(name, key[1])})" if is_chosen and name not in labelled
+                else None)
         if is_chosen:
             labelled.add(name)
     ax.set_xlabel("training step")
     ax.set_ylabel("‖θ−θ₀‖ (backbone)")
-    ax.set_title("Deviation from the pre-trained weights during training (thick: chosen setting)")
-    ax.legend(fontsize=8)
+    _title(ax, "Deviation from the pre-trained weights during training (thick: chosen setting)", 60)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
     _save(plt, fig, path)
     return True
