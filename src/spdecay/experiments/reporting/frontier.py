@@ -146,7 +146,7 @@ def plot_deviation_trace(records: list[dict], path: Path) -> bool:
         is_chosen = key in chosen
         name = key[0]
         ax.plot(steps, mean, color=method_color(name), lw=2.2 if is_chosen else 0.8, alpha=1.0 if is_chosen else 0.5,
-                label=f"{method_label(name)} ({strength_text(name, key[1])})" if is_chosen and name not in labelled
+                label=f"{method_label(name)} ({strength_text(name, key[1])}, lr {key[2]:g})" if is_chosen and name not in labelled
                 else None)
         if is_chosen:
             labelled.add(name)
