@@ -20,6 +20,7 @@ from spdecay.experiments.outdir import out_lock
 from spdecay.experiments.preflight import first_missing, preflight, remove_failed_start
 from spdecay.experiments.protocol import RunSpec, RunUnit, plan, units
 from spdecay.experiments.reporting.closing import closing_block
+from spdecay.experiments.reporting.markdown import count
 from spdecay.experiments.reporting.results_io import atomic_write_text, read_records, write_records
 from spdecay.experiments.tasks.registry import check_config, get_task, task_defaults
 
@@ -110,11 +111,6 @@ def plan_for(config: CompareConfig, records: list[dict] | None = None) -> list[R
     return specs
 
 
-def _count(n: int, noun: str) -> str:
-    """'1 run', '16 runs'."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def run_compare(
     config: CompareConfig,
     out: Path | None = None,
@@ -182,13 +178,13 @@ def _run_compare(config: CompareConfig, out: Path, *, resume: bool, progress: bo
     failed: list[RunFailure] = []
     n_done = sum(1 for s in specs if s.run_id in done_ids)
     if not todo:
-        log(f"spdecay compare: task {config.task}, preset {config.preset}, {_count(len(specs), 'run')} "
+        log(f"spdecay compare: task {config.task}, preset {config.preset}, {count(len(specs), 'run')} "
             f"({n_done} already done), output {out}")
     else:
         session = worker.session()  # this process's data and model (an executor may build more)
         s = session.settings
-        log(f"spdecay compare: task {config.task}, preset {config.preset}, {_count(len(specs), 'run')} "
-            f"({n_done} already done), output {out}, {_count(session.threads, 'thread')}")
+        log(f"spdecay compare: task {config.task}, preset {config.preset}, {count(len(specs), 'run')} "
+            f"({n_done} already done), output {out}, {count(session.threads, 'thread')}")
         notes = session.notes
         notes["class_counts"] = class_counts(session.data)  # the closing block's sampling error
         atomic_write_text(notes_file, json.dumps(notes, indent=2))

@@ -18,6 +18,7 @@ from pathlib import Path
 from spdecay.experiments.methods import METHODS, strength_text
 from spdecay.experiments.methods import label as method_label
 from spdecay.experiments.reporting.compared import ood_getter
+from spdecay.experiments.reporting.markdown import count
 
 WIDTH = 100
 Z95 = 1.96
@@ -88,7 +89,7 @@ def closing_block(out: Path, records: list[dict], *, seconds: float | None = Non
     if config is not None:
         head += f", preset {config.preset}"
     head += (f", {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}), "
-             f"{len(records)} run{'' if len(records) == 1 else 's'}")
+             f"{count(len(records), 'run')}")
     if seconds is not None:
         head += f" in {_duration(seconds)}"
     lines = [rule, _cut(head, WIDTH), ""]

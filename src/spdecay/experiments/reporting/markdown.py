@@ -1,4 +1,4 @@
-"""Markdown pieces every report section uses: a table, and a mean ± sd cell."""
+"""Text pieces every report section uses: a table, a mean ± sd cell, a counted noun."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ def _fmt(values: list[float | None], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def count(n: int, noun: str) -> str:
+    """'1 run', '16 runs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
